@@ -1,0 +1,180 @@
+"""Structured configs: every key of `conf/train.yaml` is typed and documented here.
+
+The YAML files under `conf/` pick values; these dataclasses, registered in Hydra's
+ConfigStore, fix which keys exist and their types, so a misspelt or ill-typed override
+fails at composition time.  Value checks that types cannot express (tau > 0, ...) live in
+`rld.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DatasetConfig:
+    """A data set and its training recipe (supplement C.1/C.2)."""
+
+    name: str = "cifar100"  # cifar100 | imagenet | synthetic | digits
+    family: str = "cifar"  # model family: cifar (32x32 inputs) | imagenet (224x224)
+    root: str = "${paths.data}/cifar100"  # where the files are (cifar100, imagenet)
+    download: bool = False  # cifar100: download into `root` when missing
+    num_classes: int = 100
+    image_size: int = 32
+    mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CIFAR_STD))
+    workers: int = 8  # DataLoader workers (imagenet only; CIFAR-sized sets live on the device)
+    # synthetic only: sizes and the seed of the generated images
+    train_size: int = 5000
+    test_size: int = 1000
+    data_seed: int = 0
+    # recipe: defaults of trainer/optim keys
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    # file name of a teacher checkpoint inside `<paths.teachers>/<arch>_vanilla/`
+    teacher_file: str = "ckpt_epoch_240.pth"
+    # the paper's beta x tau search grid for this data set (sweep/ and hparams/ presets)
+    grid_beta: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
+    grid_tau: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0])
+
+
+@dataclass
+class PairConfig:
+    """A teacher -> student pair and its per-pair defaults from the official releases."""
+
+    name: str = "resnet32x4_resnet8x4"
+    teacher: str = "resnet32x4"
+    student: str = "resnet8x4"
+    # initial learning rate by role: the recipe uses 0.01 for ShuffleNet/MobileNet students
+    lr: dict[str, float] = field(default_factory=lambda: {"student": 0.05, "teacher": 0.05})
+    # per-distiller loss defaults, e.g. {dkd: {beta: 2.0}}; read by conf/distiller/*.yaml
+    loss_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillerConfig:
+    """Loss hyperparameters.  loss = ce_weight * CE + min(epoch / warmup, 1) * kd_weight * L."""
+
+    name: str = "rld"  # vanilla | kd | dkd | rld
+    alpha: float = 1.0  # weight of TCKD (dkd) / SCD (rld)
+    beta: float = 8.0  # weight of NCKD (dkd) / MCD (rld)
+    tau: float = 4.0
+    scd_tau: float = "${distiller.tau}"  # type: ignore[assignment]  # rld only
+    warmup: int = 20  # epochs of linear warm-up of the distillation term (0: none)
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0  # weight of the distillation term (KD uses 0.9)
+    standardize: bool = False  # logit standardisation (Sun et al., CVPR 2024)
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str = (
+        "${paths.teachers}/${pair.teacher}_vanilla/${dataset.teacher_file}"
+    )
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = "${dataset.epochs}"  # type: ignore[assignment]
+    batch_size: int = "${dataset.batch_size}"  # type: ignore[assignment]
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | bf16 | fp16 | fp32
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile student and teacher
+    drop_last: bool = False  # drop the last partial training batch
+    progress: str = "auto"  # auto (bar on a terminal, else a line per epoch) | bar | line | none
+    resume: bool = True  # continue from checkpoints/last.pt of the run directory
+    deterministic: bool = True  # deterministic algorithms where the device offers them
+    log_every_s: float = 0.5  # progress bar refresh interval
+
+
+@dataclass
+class OptimConfig:
+    lr: float = "${pair.lr.${role}}"  # type: ignore[assignment]
+    momentum: float = 0.9
+    weight_decay: float = "${dataset.weight_decay}"  # type: ignore[assignment]
+    milestones: list[int] = "${dataset.milestones}"  # type: ignore[assignment]
+    gamma: float = 0.1
+
+
+@dataclass
+class PathsConfig:
+    root: str = "."
+    data: str = "${paths.root}/data"
+    teachers: str = "${paths.root}/teachers/${dataset.name}"
+    sweeps: str = "${paths.root}/sweeps"
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    distiller: DistillerConfig = field(default_factory=DistillerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    role: str = "student"  # student: distil (or train alone with vanilla) | teacher
+    seed: int = 0
+    tag: str = "main"  # top folder of the run directories under paths.sweeps
+    objective: str = "top1_best"  # metric returned to sweepers: top1_best | top1 | top5
+    # settings of the Optuna presets (conf/hparams/): storage, study name, budget, ...
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Register the schema (`train_schema`, used by conf/train.yaml) and the resolvers."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_resolvers()
+
+
+# Overrides that say where or how a run executes, not what it computes: left out of the
+# run directory's name (and of the run's fingerprint, see rld.engine.fingerprint).
+PLACEMENT_KEYS = ("dataset", "pair", "distiller", "role", "seed", "tag", "sweep", "hparams",
+                  "objective")
+PLACEMENT_PREFIXES = ("paths.", "hydra.", "hydra/", "hparams.", "teacher.", "trainer.device",
+                      "trainer.progress", "trainer.resume", "trainer.log_every_s",
+                      "trainer.compile", "trainer.channels_last", "dataset.root",
+                      "dataset.download", "dataset.workers", "distiller.beta", "distiller.tau")
+
+
+def run_name(role: str, distiller: str, beta: float, tau: float, overrides) -> str:
+    """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2,tau=3`.
+
+    The point names the distiller's beta/tau (as resolved, so defaults show too) followed by
+    every other command-line override that changes the result (`trainer.epochs=2`, ...).
+    """
+    if role == "teacher":
+        head, point = "teacher", []
+    elif distiller == "vanilla":
+        head, point = "vanilla", []
+    elif distiller == "kd":
+        head, point = "kd", [f"tau={float(tau):g}"]
+    else:
+        head, point = distiller, [f"beta={float(beta):g}", f"tau={float(tau):g}"]
+    extras = []
+    for item in overrides or ():
+        key, _, value = str(item).lstrip("+~").partition("=")
+        if key in PLACEMENT_KEYS or key.startswith(PLACEMENT_PREFIXES):
+            continue
+        key = key.removeprefix("distiller.")
+        extras.append(f"{key}={value.replace('/', '_')}")
+    return f"{head}/{','.join(point + sorted(extras)) or 'default'}"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("rld_run_name"):
+        OmegaConf.register_new_resolver("rld_run_name", run_name)

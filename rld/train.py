@@ -1,0 +1,56 @@
+"""`python -m rld.train [overrides]`: one run, or with `-m` one job per grid point.
+
+    python -m rld.train dataset=cifar100 pair=vgg13_vgg8 distiller=rld
+    python -m rld.train -m distiller.beta=2,4,8,16 distiller.tau=2,3,4,5
+    python -m rld.train pair=vgg13_vgg8 distiller=vanilla role=teacher
+
+Returns the metric named by `objective` (NaN for a diverged or failed run) so that Hydra's
+sweepers can optimise it.  Bad input stops a single run with one line on stderr and exit
+code 2; inside a multirun a failed point is logged and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from rld.config import register_configs
+
+register_configs()
+log = logging.getLogger("rld")
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from rld import engine  # heavy imports after Hydra has parsed the command line
+    from rld.validate import ConfigError
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        metrics = engine.run(cfg, run_dir)
+    except (ConfigError, engine.RunError) as e:
+        if not multirun:
+            print(f"rld.train: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        log.error("this grid point failed: %s", e)
+        return float("nan")
+    except Exception:
+        if not multirun:
+            raise
+        # one broken point must not take the sweep down: record it and go on
+        log.error("this grid point failed:\n%s", traceback.format_exc())
+        return float("nan")
+    return engine.objective_value(metrics, cfg.objective)
+
+
+if __name__ == "__main__":
+    main()

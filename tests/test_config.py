@@ -1,0 +1,132 @@
+"""Config composition for every pair x distiller x data set (compose API, no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rld.config import register_configs, run_name
+from rld.validate import ConfigError, validate
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+register_configs()
+
+PAIRS = sorted(p.stem for p in (CONF / "pair").glob("*.yaml"))
+IMAGENET_PAIRS = ["resnet34_resnet18", "resnet50_mobilenetv1"]
+CIFAR_PAIRS = [p for p in PAIRS if p not in IMAGENET_PAIRS]
+DISTILLERS = ["vanilla", "kd", "dkd", "rld"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hydra():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def _compose(*overrides: str, hydra: bool = False):
+    return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_every_pair_of_the_paper_has_a_file():
+    import csv
+    import io
+    from importlib.resources import files
+
+    text = files("rld").joinpath("data/paper_results.csv").read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 18
+    for row in rows:
+        assert f"{row['teacher']}_{row['student']}".lower() in PAIRS
+    assert len(CIFAR_PAIRS) == 17 and "tiny" in CIFAR_PAIRS
+
+
+@pytest.mark.parametrize("distiller", DISTILLERS)
+def test_cifar_family_compositions(distiller):
+    cases = [("cifar100", p) for p in CIFAR_PAIRS]
+    cases += [(d, p) for d in ("synthetic", "digits") for p in ("tiny", "vgg13_mobilenetv2")]
+    for dataset, pair in cases:
+        cfg = _compose(f"dataset={dataset}", f"pair={pair}", f"distiller={distiller}")
+        validate(cfg)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert cfg.distiller.name == distiller
+        student = cfg.pair.student.lower()
+        assert cfg.optim.lr == (0.01 if student.startswith(("shuffle", "mobilenet")) else 0.05)
+
+
+@pytest.mark.parametrize("distiller", DISTILLERS)
+def test_imagenet_compositions(distiller):
+    for pair in IMAGENET_PAIRS:
+        cfg = _compose("dataset=imagenet", f"pair={pair}", f"distiller={distiller}")
+        validate(cfg)
+        assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optim.lr) == (512, 100, 0.2)
+        assert list(cfg.optim.milestones) == [30, 60, 90] and cfg.optim.weight_decay == 1e-4
+        if distiller in ("dkd", "rld"):
+            assert (cfg.distiller.tau, cfg.distiller.warmup) == (1.0, 1)
+            assert cfg.distiller.beta == (0.5 if pair == "resnet34_resnet18" else 2.0)
+
+
+def test_cifar_recipe_and_official_defaults():
+    cfg = _compose()
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (64, 240)
+    assert list(cfg.optim.milestones) == [150, 180, 210]
+    assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 5e-4)
+    rld = cfg.distiller
+    assert (rld.alpha, rld.beta, rld.tau, rld.scd_tau, rld.warmup, rld.ce_weight) == (
+        1.0, 8.0, 4.0, 4.0, 20, 1.0)
+    kd = _compose("distiller=kd").distiller
+    assert (kd.tau, kd.ce_weight, kd.kd_weight) == (4.0, 0.1, 0.9)
+    assert _compose("distiller=rld", "distiller.tau=3").distiller.scd_tau == 3.0
+    dkd_beta = {p: _compose(f"pair={p}", "distiller=dkd").distiller.beta for p in CIFAR_PAIRS}
+    assert dkd_beta["resnet56_resnet20"] == dkd_beta["resnet110_resnet20"] == 2.0
+    assert dkd_beta["vgg13_vgg8"] == dkd_beta["wrn_40_2_wrn_40_1"] == 6.0
+    assert dkd_beta["resnet32x4_resnet8x4"] == dkd_beta["resnet50_mobilenetv2"] == 8.0
+
+
+def test_teacher_checkpoint_default_follows_the_published_layout():
+    cfg = _compose("pair=vgg13_vgg8")
+    assert cfg.teacher.checkpoint == "./teachers/cifar100/vgg13_vanilla/ckpt_epoch_240.pth"
+    digits = _compose("dataset=digits", "pair=tiny", "paths.root=/x")
+    assert digits.teacher.checkpoint == "/x/teachers/digits/resnet14_vanilla/teacher.pth"
+
+
+def test_run_directory_names_the_point():
+    cfg = _compose("dataset=synthetic", "pair=tiny", "distiller.beta=2", "trainer.epochs=3",
+                   "paths.root=R", hydra=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    assert cfg.hydra.run.dir == "R/sweeps/main/synthetic/tiny/rld/beta=2,tau=4,trainer.epochs=3/seed=0"
+    assert run_name("teacher", "vanilla", 8, 4, ["role=teacher"]) == "teacher/default"
+    assert run_name("student", "kd", 8, 2.5, ["distiller.tau=2.5"]) == "kd/tau=2.5"
+    assert run_name("student", "rld", 0.5, 1, ["dataset.root=/a/b", "distiller.alpha=2"]) == \
+        "rld/beta=0.5,tau=1,alpha=2"
+
+
+def test_sweep_presets_cover_the_paper_grids():
+    for preset, beta, tau in (("cifar_grid", "2,4,8,16", "2,3,4,5"),
+                              ("imagenet_grid", "0.5,1,2,3", "1,2")):
+        cfg = _compose(f"sweep={preset}", hydra=True)
+        assert cfg.hydra.mode.name == "MULTIRUN"
+        assert cfg.hydra.sweeper.params["distiller.beta"] == beta
+        assert cfg.hydra.sweeper.params["distiller.tau"] == tau
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distiller.tau=0", "distiller.tau"), ("distiller.scd_tau=-1", "distiller.scd_tau"),
+    ("distiller.alpha=-1", "distiller.alpha"), ("distiller.beta=-2", "distiller.beta"),
+    ("distiller.warmup=-1", "distiller.warmup"), ("optim.lr=-0.1", "optim.lr"),
+    ("trainer.epochs=0", "trainer.epochs"), ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.precision=fp8", "trainer.precision"), ("role=coach", "role"),
+    ("pair.student=resnet9", "pair.student"), ("trainer.device=tpu", "trainer.device"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(_compose(override))
+
+
+def test_teacher_role_requires_vanilla():
+    with pytest.raises(ConfigError, match="distiller=vanilla"):
+        validate(_compose("role=teacher", "distiller=rld"))
