@@ -1,0 +1,244 @@
+"""``python -m rld.bench data``: images/s of the on-device CIFAR loader vs a torchvision DataLoader.
+
+Both run one full pass over the same synthetic CIFAR-sized images with the same recipe
+(random crop 32 with 4 px zero padding, horizontal flip, normalisation), batches delivered on
+the device.  Start-up is included, as a user sees it: the DataLoader's worker start-up, and
+the copy of the whole split to the device for the on-device loader.  CUDA's context is
+initialised before either is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+FIELDS = [
+    "loader",
+    "device",
+    "device_name",
+    "images",
+    "batch_size",
+    "workers",
+    "torch_threads",
+    "seconds",
+    "images_per_s",
+    "speedup_vs_dataloader",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m rld.bench data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", type=int, default=20000, help="images in the pass (20000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/bench_data.csv", help="CSV file ('' for none)")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.batch_size < 1 or args.workers < 0:
+        p.error("--images and --batch-size must be >= 1, --workers >= 0")
+    return args
+
+
+def device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} CPUs)"
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_device_loader(images, labels, batch_size: int, device: Any, seed: int) -> float:
+    from rld.data.device_loader import DeviceLoader
+
+    _sync(device)
+    t0 = time.perf_counter()
+    loader = DeviceLoader(
+        images,
+        labels,
+        batch_size,
+        train=True,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        device=device,
+        seed=seed,
+    )
+    loader.set_epoch(1)
+    for _x, _y in loader:
+        pass
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+class _PilDataset:
+    """CIFAR-style dataset: HWC uint8 arrays -> PIL image -> transform."""
+
+    def __init__(self, hwc, labels, transform) -> None:
+        self.hwc, self.labels, self.transform = hwc, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.hwc)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.hwc[i])), int(self.labels[i])
+
+
+def time_dataloader(images, labels, batch_size: int, device: Any, seed: int, workers: int) -> float:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
+    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+    ds = _PilDataset(hwc, labels.numpy(), tf)
+    cuda = device.type == "cuda"
+    _sync(device)
+    t0 = time.perf_counter()
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=cuda,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from rld.data.loaders import resolve_device
+    from rld.data.sources import load_dataset
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("rld.bench data: --device cuda but CUDA is not available")
+            return 2
+        torch.zeros(1, device=device)  # context start-up is not the loader's
+    cfg = SimpleNamespace(
+        name="synthetic",
+        num_classes=100,
+        image_size=32,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        train_size=args.images,
+        test_size=1,
+        data_seed=args.seed,
+    )
+    ds = load_dataset(cfg)
+    images, labels = ds.train_images, ds.train_labels
+    name = device_name(device)
+    n, b = args.images, args.batch_size
+
+    t_dl = time_dataloader(images, labels, b, device, args.seed, args.workers)
+    t_dev = time_device_loader(images, labels, b, device, args.seed)
+
+    dl_ips, dev_ips = n / t_dl, n / t_dev
+    common = dict(
+        device=str(device),
+        device_name=name,
+        images=n,
+        batch_size=b,
+        torch_threads=torch.get_num_threads(),
+    )
+    rows = [
+        dict(
+            loader="torchvision_dataloader",
+            workers=args.workers,
+            seconds=round(t_dl, 4),
+            images_per_s=round(dl_ips, 1),
+            speedup_vs_dataloader=1.0,
+            **common,
+        ),
+        dict(
+            loader="device_loader",
+            workers=0,
+            seconds=round(t_dev, 4),
+            images_per_s=round(dev_ips, 1),
+            speedup_vs_dataloader=round(dev_ips / dl_ips, 2),
+            **common,
+        ),
+    ]
+    print(f"device: {name} [{device}], torch threads: {torch.get_num_threads()}")
+    print(
+        f"{n} synthetic 32x32 images, batch {b}, one full pass each, start-up included "
+        f"(DataLoader: {args.workers} workers started; on-device: split copied to {device})"
+    )
+    print(f"{'loader':<34}{'seconds':>10}{'images/s':>12}{'ratio':>9}")
+    labels_txt = {
+        "torchvision_dataloader": f"torchvision DataLoader + PIL ({args.workers} w)",
+        "device_loader": "rld DeviceLoader (on device)",
+    }
+    for r in rows:
+        print(
+            f"{labels_txt[r['loader']]:<34}{r['seconds']:>10.3f}{r['images_per_s']:>12.0f}"
+            f"{r['speedup_vs_dataloader']:>8.1f}x"
+        )
+    if args.out:
+        out = Path(args.out)
+        write_csv_atomic(out, rows)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Data sets and loaders.
+
+    load_dataset(cfg) -> DataSet          CIFAR-sized sets in memory (cifar100, synthetic, digits)
+    build_loaders(cfg, batch_size, device, seed, drop_last=False) -> Loaders
+    DeviceLoader(images_uint8, labels, batch_size, *, train, mean, std, device, seed, ...)
+    crop_flip(batch_uint8, offsets_yx, flips, pad) -> uint8
+    DataError                              bad or missing data (a ValueError)
+
+Names are imported lazily, so ``import rld.data`` (or DataError alone) does not load torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from rld.data.errors import DataError
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs
+    from rld.data.augment import crop_flip, mix_seed
+    from rld.data.device_loader import DeviceLoader
+    from rld.data.loaders import Loaders, build_loaders, resolve_device
+    from rld.data.sources import DataSet, load_dataset
+
+_LAZY = {
+    "DataSet": "rld.data.sources",
+    "load_dataset": "rld.data.sources",
+    "DeviceLoader": "rld.data.device_loader",
+    "crop_flip": "rld.data.augment",
+    "mix_seed": "rld.data.augment",
+    "Loaders": "rld.data.loaders",
+    "build_loaders": "rld.data.loaders",
+    "resolve_device": "rld.data.loaders",
+}
+
+__all__ = [
+    "DataError",
+    "DataSet",
+    "DeviceLoader",
+    "Loaders",
+    "build_loaders",
+    "crop_flip",
+    "load_dataset",
+    "mix_seed",
+    "resolve_device",
+]
+assert set(__all__) == {"DataError", *_LAZY}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rld.data' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,75 @@
+"""`build_loaders`: the train/test loaders of any configured data set, batches on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rld.data.device_loader import DeviceLoader
+from rld.data.errors import DataError
+from rld.data.sources import ALL_DATASETS, load_dataset
+
+
+@dataclass
+class Loaders:
+    """train/test iterate ``(x, y)`` on the device; both have set_epoch and len."""
+
+    train: Any  # DeviceLoader | ImageNetLoader
+    test: Any
+    num_classes: int
+    class_names: list[str]
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train.num_samples)
+
+    @property
+    def num_test(self) -> int:
+        return int(self.test.num_samples)
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """torch.device of `device`; "auto" is CUDA when present, else CPU."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_loaders(
+    cfg: Any,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    drop_last: bool = False,
+    test_batch_size: int | None = None,
+) -> Loaders:
+    """Loaders of the data set `cfg` names (a DatasetConfig or a DictConfig with its keys).
+
+    CIFAR-sized sets (cifar100, synthetic, digits): `DeviceLoader`s holding each split on the
+    device.  imagenet: DataLoaders over ImageFolder(root/train, root/val) with cfg.workers.
+    The test loader uses `test_batch_size` (default: `batch_size`).
+    """
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    name = str(cfg.name)
+    if name == "imagenet":
+        from rld.data.imagenet import build_imagenet_loaders
+
+        train, test, names = build_imagenet_loaders(
+            cfg, batch_size, dev, seed, drop_last=drop_last, test_batch_size=test_batch_size
+        )
+        return Loaders(train, test, len(names), names)
+    if name not in ALL_DATASETS:
+        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(ALL_DATASETS)}")
+    ds = load_dataset(cfg)
+    common = dict(mean=ds.mean, std=ds.std, device=dev, seed=seed)
+    train = DeviceLoader(
+        ds.train_images, ds.train_labels, batch_size, train=True, drop_last=drop_last, **common
+    )
+    test = DeviceLoader(
+        ds.test_images, ds.test_labels, test_batch_size or batch_size, train=False, **common
+    )
+    return Loaders(train, test, ds.num_classes, ds.class_names)
