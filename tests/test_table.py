@@ -1,0 +1,410 @@
+"""rld.table: aggregation of a hand-made tree of run directories with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rld import table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(
+    root: Path,
+    rel: str,
+    *,
+    dataset: str = "cifar100",
+    pair: str = "vgg13_vgg8",
+    teacher: str = "vgg13",
+    student: str = "vgg8",
+    role: str = "student",
+    distiller: str = "vanilla",
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    tau: float = 4.0,
+    seed: int = 0,
+    epochs: int | None = None,
+    top1_best: float | None = 70.0,
+    top1: float | None = None,
+    status: str = "completed",
+    teacher_top1: float | None = None,
+    metrics: bool = True,
+) -> Path:
+    """A run directory as the engine leaves it: .hydra/config.yaml (with the unresolved
+    interpolations Hydra saves) and, unless ``metrics=False``, metrics.json."""
+    d = root / rel
+    (d / ".hydra").mkdir(parents=True)
+    cfg = {
+        "dataset": {"name": dataset, "epochs": 240, "batch_size": 64},
+        "pair": {"name": pair, "teacher": teacher, "student": student,
+                 "student_lr": 0.05, "teacher_lr": 0.05},
+        "distiller": {"name": distiller, "alpha": alpha, "beta": beta, "tau": tau,
+                      "scd_tau": "${distiller.tau}", "warmup": 20, "ce_weight": 1.0,
+                      "kd_weight": 1.0, "standardize": False},
+        "trainer": {"epochs": "${dataset.epochs}" if epochs is None else epochs,
+                    "device": "auto"},
+        "optim": {"lr": "${pair.${role}_lr}", "momentum": 0.9},
+        "role": role,
+        "seed": seed,
+        "tag": rel.split("/")[0],
+    }  # fmt: skip
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (d / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (d / "checkpoints").mkdir()
+    if metrics:
+        t1b = top1_best
+        m = {
+            "status": status,
+            "top1": (t1b - 0.3 if t1b is not None else None) if top1 is None else top1,
+            "top1_best": t1b,
+            "top5": 90.0,
+            "epochs": epochs or 240,
+            "wall_s": 12.5,
+            "dataset": dataset,
+            "pair": pair,
+            "role": role,
+            "teacher": None if role == "teacher" else teacher,
+            "student": teacher if role == "teacher" else student,
+            "distiller": distiller,
+            "alpha": alpha,
+            "beta": beta,
+            "tau": tau,
+            "scd_tau": tau,
+            "standardize": False,
+            "warmup": 20,
+            "ce_weight": 1.0,
+            "seed": seed,
+            "teacher_top1": teacher_top1,
+        }
+        (d / "metrics.json").write_text(json.dumps(m))
+    return d
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """sweeps/ with two sweep folders (a/ and b/) and known numbers; see the asserts."""
+    s = tmp_path / "sweeps"
+    c = "a/cifar100/vgg13_vgg8"
+    # teacher vgg13 trained alone (role=teacher): 74, 75 -> 74.50 +- 0.71
+    for seed, v in [(0, 74.0), (1, 75.0)]:
+        write_run(s, f"{c}/teacher/seed={seed}", role="teacher", seed=seed, top1_best=v)
+    # student alone: 70, 71, 72 -> 71.00 +- 1.00 (n=3)
+    for seed, v in [(0, 70.0), (1, 71.0), (2, 72.0)]:
+        write_run(s, f"{c}/vanilla/seed={seed}", seed=seed, top1_best=v)
+    # KD over tau only (alpha/beta differ between runs but mean nothing for KD)
+    for seed, (t2, t4) in enumerate([(72.0, 73.5), (73.0, 74.5)]):
+        write_run(s, f"{c}/kd/tau=2/seed={seed}", distiller="kd", tau=2, beta=seed + 1, seed=seed,
+                  top1_best=t2, teacher_top1=74.6)  # fmt: skip
+        write_run(s, f"{c}/kd/tau=4/seed={seed}", distiller="kd", tau=4, beta=seed + 5, seed=seed,
+                  top1_best=t4, teacher_top1=74.6)  # fmt: skip
+    # DKD: a single point, one seed
+    write_run(s, f"{c}/dkd/seed=0", distiller="dkd", beta=8, tau=4, top1_best=74.0)
+    # RLD grid beta {1,2} x tau {2,4}; (2,4) never run
+    rld = dict(distiller="rld", teacher_top1=74.6)
+    write_run(s, f"{c}/rld/beta=1,tau=2/seed=0", beta=1, tau=2, seed=0, top1_best=74.0, **rld)
+    # ... its second seed comes from another sweep folder: pooled
+    write_run(s, "b/cifar100/vgg13_vgg8/rld/beta=1,tau=2/seed=1", beta=1, tau=2, seed=1,
+              top1_best=75.0, **rld)  # fmt: skip
+    # ... a third seed still running: incomplete
+    write_run(s, f"{c}/rld/beta=1,tau=2/seed=2", beta=1, tau=2, seed=2, metrics=False, **rld)
+    # (1,4): both seeds diverged (status, or NaN accuracies)
+    write_run(s, f"{c}/rld/beta=1,tau=4/seed=0", beta=1, tau=4, seed=0, top1_best=None,
+              status="diverged", **rld)  # fmt: skip
+    write_run(s, f"{c}/rld/beta=1,tau=4/seed=1", beta=1, tau=4, seed=1, top1_best=float("nan"),
+              **rld)  # fmt: skip
+    # (2,2): 75, 76, 77 -> 76.00 +- 1.00 (n=3), the best point
+    for seed, v in [(0, 75.0), (1, 76.0), (2, 77.0)]:
+        write_run(s, f"{c}/rld/beta=2,tau=2/seed={seed}", beta=2, tau=2, seed=seed, top1_best=v,
+                  **rld)  # fmt: skip
+    # ... seed 2 again in sweep b: a duplicate (a/ sorts first and is kept)
+    write_run(s, "b/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2", beta=2, tau=2, seed=2,
+              top1_best=99.0, **rld)  # fmt: skip
+    # ... and a short 10-epoch run of the same point: other epochs, never averaged in
+    write_run(s, "short/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=0", beta=2, tau=2, seed=0,
+              epochs=10, top1_best=20.0, **rld)  # fmt: skip
+    # another pair without teacher runs: teacher column from teacher_top1; epochs tie 5 vs 10
+    p2 = dict(pair="resnet32x4_resnet8x4", teacher="resnet32x4", student="resnet8x4")
+    write_run(s, "a/cifar100/r32x4/kd/e5", distiller="kd", epochs=5, top1_best=60.0,
+              teacher_top1=79.1, **p2)  # fmt: skip
+    write_run(s, "a/cifar100/r32x4/kd/e10", distiller="kd", epochs=10, top1_best=73.0,
+              teacher_top1=79.3, **p2)  # fmt: skip
+    # a pair that is not in the paper, on a data set that is not either
+    tiny = dict(dataset="digits", pair="tiny", teacher="resnet20", student="resnet8")
+    for b, v in [(1, 90.0), (2, 91.0)]:
+        write_run(s, f"a/digits/tiny/rld/beta={b}/seed=0", distiller="rld", beta=b, tau=4,
+                  top1_best=v, teacher_top1=95.0, **tiny)  # fmt: skip
+    # sweep-level files that are not runs
+    (s / "a" / "multirun.yaml").write_text("hydra: {}\n")
+    (s / "a" / "optuna.db").write_bytes(b"SQLite format 3\x00")
+    return tmp_path
+
+
+def _tables(tmp: Path, metric: str = "top1_best"):
+    runs = table.collect_runs([tmp / "sweeps"], cwd=str(tmp))
+    return runs, {t.dataset: t for t in table.build_tables(runs, metric)}
+
+
+def _row(t, pair):
+    (row,) = [r for r in t.rows if r.pair == pair]
+    return row
+
+
+def test_collect_runs_statuses_duplicates_and_paths(tree: Path):
+    runs, _ = _tables(tree)
+    assert len(runs) == 24
+    assert [r["path"] for r in runs] == sorted(r["path"] for r in runs)
+    assert all(not os.path.isabs(r["path"]) and r["path"].startswith("sweeps") for r in runs)
+    by_path = {r["path"]: r for r in runs}
+    inc = by_path["sweeps/a/cifar100/vgg13_vgg8/rld/beta=1,tau=2/seed=2"]
+    assert inc["status"] == "incomplete" and math.isnan(inc["top1_best"])
+    assert by_path["sweeps/a/cifar100/vgg13_vgg8/rld/beta=1,tau=4/seed=1"]["status"] == "diverged"
+    dup = by_path["sweeps/b/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2"]
+    assert dup["duplicate_of"] == "sweeps/a/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2"
+    assert sum(1 for r in runs if r["duplicate_of"]) == 1
+    # interpolations of the saved config are resolved without OmegaConf
+    short = by_path["sweeps/short/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=0"]
+    assert short["epochs"] == 10 and short["scd_tau"] == 2.0
+    assert by_path["sweeps/a/cifar100/vgg13_vgg8/vanilla/seed=0"]["epochs"] == 240
+    teach = by_path["sweeps/a/cifar100/vgg13_vgg8/teacher/seed=0"]
+    assert teach["arch"] == "vgg13" and teach["role"] == "teacher"
+    df = table.runs_frame(runs)
+    assert list(df.columns) == table.RUN_COLUMNS and len(df) == 24
+
+
+def test_table_numbers(tree: Path):
+    _, tables = _tables(tree)
+    assert sorted(tables) == ["cifar100", "digits"]
+    t = tables["cifar100"]
+    # paper order: resnet32x4/resnet8x4 is row 1 of paper_results.csv, vgg13/vgg8 row 2
+    assert [r.pair for r in t.rows] == ["resnet32x4_resnet8x4", "vgg13_vgg8"]
+    row = _row(t, "vgg13_vgg8")
+    c = row.cells
+    assert row.teacher_source == "runs"
+    assert c["teacher"].text == "74.50 ± 0.71 (n=2)" and c["teacher"].paper == 74.64
+    assert c["student"].text == "71.00 ± 1.00 (n=3)"
+    assert c["student"].paper_text() == "70.36 (Δ +0.64)"
+    assert c["kd"].ours() == "74.00 ± 0.71 (n=2) @ τ=4"
+    assert c["dkd"].ours() == "74.00 (n=1) @ β=8, τ=4" and c["dkd"].n == 1
+    # best RLD point (2,2): the duplicate (99) and the 10-epoch run (20) are not averaged in
+    assert c["rld"].ours() == "76.00 ± 1.00 (n=3) @ β=2, τ=2"
+    assert c["rld"].epochs == 240
+    assert c["rld"].paper_text() == "74.93 (Δ +1.07)"
+    # second pair: teacher from the loaded checkpoint's accuracy, epochs tie -> larger
+    row2 = _row(t, "resnet32x4_resnet8x4")
+    assert row2.teacher_source == "checkpoint"
+    assert row2.cells["teacher"].ours() == "79.20 ± 0.14 (n=2)†"
+    assert row2.cells["kd"].text == "73.00 (n=1)" and row2.cells["kd"].epochs == 10
+    assert row2.cells["student"].text == table.NA and row2.cells["student"].paper == 72.50
+    notes = "\n".join(t.notes)
+    assert "24 run directories" not in notes  # digits runs are counted in their own table
+    assert "22 run directories; 18 completed, 2 diverged, 0 failed, 1 incomplete" in notes
+    assert "1 duplicates ignored, 2 left out for other epochs" in notes
+    assert "vgg13_vgg8 RLD: 3 grid points run; 1 missing; 1 point without a finished run" in notes
+    assert "2 diverged runs; 1 incomplete run; epochs=240 used, left out 1 at epochs=10" in notes
+    assert "resnet32x4_resnet8x4 KD: epochs=10 used, left out 1 at epochs=5." in notes
+    assert "† the evaluated accuracy of the loaded teacher checkpoint" in notes
+    # digits: no paper values at all -> no paper columns; pair not in the paper still listed
+    d = tables["digits"]
+    assert not d.has_paper and [r.pair for r in d.rows] == ["tiny"]
+    assert _row(d, "tiny").cells["rld"].ours() == "91.00 (n=1) @ β=2, τ=4"
+
+
+def test_grid_cells(tree: Path):
+    _, tables = _tables(tree)
+    (g,) = [g for g in tables["cifar100"].groups if g.unit == ("rld", "vgg13_vgg8")]
+    (grid,) = g.grids
+    assert grid.betas == [1.0, 2.0] and grid.taus == [2.0, 4.0]
+    assert grid.best == (2.0, 2.0) and grid.n_missing == 1 and grid.n_failed_points == 1
+    assert table._cell_text(grid, (1.0, 2.0)) == "74.50 ± 0.71 (n=2) [+1 incomplete]"
+    assert table._cell_text(grid, (1.0, 4.0)) == "2 diverged"
+    assert table._cell_text(grid, (2.0, 4.0)) == "missing"
+    md = table.grid_markdown(grid, g, "top1_best")
+    assert "| β \\ τ |" in md and "**76.00 ± 1.00 (n=3)** (best)" in md
+    assert "4 cells: 3 run, 1 missing, 1 without a finished run" in md
+    # KD's grid is over tau alone, even though its runs carry different betas
+    (kd,) = [g for g in tables["cifar100"].groups if g.unit == ("kd", "vgg13_vgg8")]
+    assert len(kd.points) == 2 and kd.grids[0].betas == [None]
+
+
+def test_metric_last_epoch(tree: Path):
+    _, tables = _tables(tree, metric="top1")
+    c = _row(tables["cifar100"], "vgg13_vgg8").cells
+    assert c["rld"].text == "75.70 ± 1.00 (n=3)"  # top1 = top1_best - 0.3 in the fixture
+    assert "at the last epoch" in table.table_markdown(tables["cifar100"])
+
+
+def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "rld.table", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_cli_writes_everything_byte_identically(tree: Path):
+    r1 = _run_cli(tree)
+    assert r1.returncode == 0, r1.stderr
+    out = tree / "results"
+    first = _snapshot(out)
+    assert set(first) == {
+        "runs.csv",
+        "cifar100.md", "cifar100.csv", "cifar100.tex",
+        "digits.md", "digits.csv", "digits.tex",
+        "cifar100/vgg13_vgg8_rld_grid.md", "cifar100/vgg13_vgg8_rld_grid.png",
+        "cifar100/vgg13_vgg8_kd_grid.md", "cifar100/vgg13_vgg8_kd_grid.png",
+        "digits/tiny_rld_grid.md", "digits/tiny_rld_grid.png",
+    }  # fmt: skip
+    assert "| vgg13_vgg8" in r1.stdout and "results/runs.csv" in r1.stdout
+    assert "Metric: top-1 accuracy (%) at the best epoch" in r1.stdout
+    r2 = _run_cli(tree, "sweeps", "--out", "results")
+    assert r2.returncode == 0 and r2.stdout == r1.stdout
+    second = _snapshot(out)
+    assert [k for k in first if first[k] != second[k]] == []
+    runs_csv = first["runs.csv"].decode().splitlines()
+    assert runs_csv[0].split(",")[:3] == ["dataset", "pair", "role"]
+    assert len(runs_csv) == 25
+    assert sum(",incomplete," in line for line in runs_csv) == 1
+
+
+def test_markdown_and_csv_shape(tree: Path):
+    _, tables = _tables(tree)
+    md = table.table_markdown(tables["cifar100"])
+    lines = md.splitlines()
+    head = [i for i, line in enumerate(lines) if line.startswith("| Pair")][0]
+    assert lines[head - 2].startswith("Metric: ")
+    header = [c.strip() for c in lines[head].strip("|").split("|")]
+    assert header == ["Pair", "Teacher", "paper (Δ)", "Student", "paper (Δ)", "KD", "paper (Δ)",
+                      "DKD", "paper (Δ)", "RLD", "paper (Δ)"]  # fmt: skip
+    assert set(lines[head + 1].replace("|", "").replace(" ", "")) == {"-"}
+    rows = [line for line in lines[head + 2 :] if line.startswith("|")]
+    assert len(rows) == 2 and all(r.count("|") == 12 for r in rows)
+    assert any(line.startswith("- Teacher column:") for line in lines)
+    rows_csv = list(csv.DictReader(io.StringIO(table.table_csv(tables["cifar100"]))))
+    assert [r["pair"] for r in rows_csv] == ["resnet32x4_resnet8x4", "vgg13_vgg8"]
+    row = rows_csv[1]
+    assert row["teacher_source"] == "runs" and row["rld_paper"] == "74.9300"
+    assert row["rld_best"] == "β=2, τ=2" and row["kd_best"] == "τ=4"
+    assert row["pair"] == "vgg13_vgg8" and row["rld_mean"] == "76.0000" and row["rld_n"] == "3"
+    assert row["rld_diff"] == "1.0700"
+
+
+def test_latex_shape(tree: Path):
+    _, tables = _tables(tree)
+    tex = table.table_latex(tables["cifar100"])
+    for cmd in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}", "\\end{table}"):
+        assert tex.count(cmd) == 1, cmd
+    assert tex.index("\\toprule") < tex.index("\\midrule") < tex.index("\\bottomrule")
+    assert "vgg13\\_vgg8" in tex and "resnet32x4\\_resnet8x4" in tex
+    assert "76.00 $\\pm$ 1.00 (n=3) @ $\\beta$=2, $\\tau$=2" in tex
+    body = tex[tex.index("\\midrule") : tex.index("\\bottomrule")]
+    assert "_" not in body.replace("\\_", "")
+    for line in body.splitlines()[1:]:
+        assert line.endswith("\\\\") and line.count(" & ") == 10
+    assert "±" not in tex and "β" not in tex and "—" not in tex
+    assert "\\multicolumn{2}{c}{RLD}" in tex
+    # a data set with no paper values has one column per method
+    dtex = table.table_latex(tables["digits"])
+    assert "\\begin{tabular}{lccccc}" in dtex
+
+
+def test_heatmap_png(tree: Path):
+    from PIL import Image
+
+    _, tables = _tables(tree)
+    (g,) = [g for g in tables["cifar100"].groups if g.unit == ("rld", "vgg13_vgg8")]
+    out = tree / "h.png"
+    table.grid_png(g.grids[0], g, "top1_best", out)
+    with Image.open(out) as im:
+        im.load()
+        assert im.format == "PNG"
+        w, h = im.size
+        assert 300 <= w <= 2000 and 200 <= h <= 1600
+        assert "Software" not in im.info
+        # the best cell's red frame is drawn
+        px = im.convert("RGB").tobytes()
+        red = sum(
+            1
+            for i in range(0, len(px), 3)
+            if px[i] > 200 and px[i + 1] < 60 and px[i + 2] < 60
+        )
+        assert red > 50
+
+
+def test_cli_errors_and_empty(tmp_path: Path):
+    r = _run_cli(tmp_path, "nope")
+    assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "sweeps").mkdir()
+    r = _run_cli(tmp_path)
+    assert r.returncode == 0 and "no run directories" in r.stderr
+    assert (tmp_path / "results" / "runs.csv").read_text().startswith("dataset,pair,")
+
+
+def test_many_runs_fast(tmp_path: Path):
+    s = tmp_path / "sweeps"
+    n = 0
+    for b in range(10):
+        for t in range(10):
+            for seed in range(12):
+                write_run(s, f"big/rld/b{b}_t{t}/s{seed}", distiller="rld", beta=b + 1, tau=t + 1,
+                          seed=seed, top1_best=70 + b * 0.1 + t * 0.01 + seed * 0.001)  # fmt: skip
+                n += 1
+    t0 = time.process_time()  # CPU time: robust to a busy machine
+    runs = table.collect_runs([s], cwd=str(tmp_path))
+    tables = table.build_tables(runs, "top1_best")
+    elapsed = time.process_time() - t0
+    assert len(runs) == n == 1200
+    (t,) = tables
+    c = _row(t, "vgg13_vgg8").cells["rld"]
+    assert c.n == 12 and c.point == "β=10, τ=10"
+    assert elapsed < 15, elapsed
+
+
+def test_variants_failed_and_explicit_scd_tau(tmp_path: Path):
+    """Settings other than beta/tau that vary split the grid; odd statuses are 'failed'."""
+    s = tmp_path / "sweeps"
+    for std in (False, True):
+        for b, v in [(1, 70.0), (2, 71.0 + 5 * std)]:
+            d = write_run(s, f"v/std={std}/b={b}", distiller="rld", beta=b, tau=4, top1_best=v)
+            cfg_path = d / ".hydra" / "config.yaml"
+            cfg = yaml.safe_load(cfg_path.read_text())
+            cfg["distiller"]["standardize"] = std
+            cfg_path.write_text(yaml.safe_dump(cfg))
+    # scd_tau set on its own (not the ${distiller.tau} default): a different point
+    d = write_run(s, "v/scd/b=1", distiller="rld", beta=1, tau=4, top1_best=99.0)
+    cfg = yaml.safe_load((d / ".hydra/config.yaml").read_text())
+    cfg["distiller"]["scd_tau"] = 1.0
+    (d / ".hydra/config.yaml").write_text(yaml.safe_dump(cfg))
+    # a run killed by the scheduler and a corrupt metrics.json: failed, not completed
+    write_run(s, "v/killed", distiller="kd", tau=2, status="killed", top1_best=50.0)
+    bad = write_run(s, "v/corrupt", distiller="kd", tau=3, top1_best=50.0)
+    (bad / "metrics.json").write_text('{"status": "compl')
+    runs = table.collect_runs([s], cwd=str(tmp_path))
+    assert sorted(r["status"] for r in runs if r["distiller"] == "kd") == ["failed", "failed"]
+    (t,) = table.build_tables(runs, "top1_best")
+    (g,) = [g for g in t.groups if g.unit == ("rld", "vgg13_vgg8")]
+    assert len(g.points) == 5 and len(g.grids) == 2  # the scd_tau point is a grid of its own
+    names = sorted(table._grid_name(gr, g) for gr in g.grids)
+    assert names == ["vgg13_vgg8_rld_standardize=false_grid", "vgg13_vgg8_rld_standardize=true_grid"]
+    c = _row(t, "vgg13_vgg8").cells["rld"]
+    assert c.ours() == "99.00 (n=1) @ β=1, τ=4, scd_tau=1, standardize=false"
+    assert _row(t, "vgg13_vgg8").cells["kd"].text == "2 failed"
+    assert "vgg13_vgg8 KD: 2 grid points run; 2 points without a finished run; 2 failed runs." in t.notes
+    written, _ = table.write_outputs(runs, tmp_path / "out", "top1_best")
+    assert tmp_path / "out/cifar100/vgg13_vgg8_rld_standardize=true_grid.png" in written
+    md = (tmp_path / "out/cifar100/vgg13_vgg8_rld_standardize=true_grid.md").read_text()
+    assert "**76.00 (n=1)** (best)" in md and "standardize=true" in md
