@@ -1,0 +1,219 @@
+"""A pool of GPU slots for parallel jobs on one machine (the `gpus` launcher).
+
+Each GPU offers `jobs_per_gpu` slots.  A slot is a lock file (`fcntl.flock`) in a slot
+directory shared by every process of the machine.  A worker process of the launcher takes a
+free slot before its first job, sets `CUDA_VISIBLE_DEVICES` to that slot's GPU (before
+anything in the process can initialise CUDA) and keeps the slot until the process exits
+(the kernel drops the lock even when the process is killed).  Loky reuses worker
+processes, so a worker that finishes early simply takes the next job on its own GPU: no two
+running jobs ever share a slot, whatever order the jobs finish in.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOT_DIR = "/tmp/rld-gpu-slots"
+
+
+def parse_visible(value: str) -> list[str]:
+    """Devices named by a CUDA_VISIBLE_DEVICES value, in order.
+
+    CUDA ignores everything from the first invalid entry on (e.g. "-1"), and an empty value
+    hides all GPUs.  Entries may be indices, GPU-/MIG- UUIDs: they are kept verbatim.
+    """
+    out: list[str] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item or item.startswith("-"):
+            break
+        out.append(item)
+    return out
+
+
+_COUNT_CACHE: int | None = None
+
+
+def count_gpus() -> int:
+    """Number of GPUs of this machine, without initialising CUDA in this process."""
+    global _COUNT_CACHE
+    if _COUNT_CACHE is not None:
+        return _COUNT_CACHE
+    n = None
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+            if out.returncode == 0:
+                n = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            n = None
+    if n is None:
+        torch = sys.modules.get("torch")
+        if torch is not None and not torch.backends.cuda.is_built():
+            n = 0
+        else:  # ask torch in a child process: this one must not touch CUDA
+            code = "import torch; print(torch.cuda.device_count())"
+            try:
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                     text=True, timeout=120)
+                n = int(out.stdout.strip() or 0) if out.returncode == 0 else 0
+            except (OSError, subprocess.SubprocessError, ValueError):
+                n = 0
+    _COUNT_CACHE = n
+    return n
+
+
+def visible_devices(devices: Sequence[Any] | None = None,
+                    environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs jobs may use: `devices` if given, else CUDA_VISIBLE_DEVICES if set, else
+    every GPU of the machine (0..n-1)."""
+    if devices is not None:
+        return [str(d) for d in devices]
+    env = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return parse_visible(env["CUDA_VISIBLE_DEVICES"])
+    return [str(i) for i in range(count_gpus())]
+
+
+@dataclass(frozen=True)
+class SlotPool:
+    """What a worker needs to take a slot: picklable, sent along with every job."""
+
+    devices: tuple[str, ...]
+    jobs_per_gpu: int
+    slot_dir: str
+    cpu_threads: int | None = None  # CPU-only pools: torch threads per job
+
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        # breadth first: with 2 jobs per GPU the first jobs still land on distinct GPUs
+        return [(d, k) for k in range(self.jobs_per_gpu) for d in self.devices]
+
+    def lock_path(self, device: str, k: int) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", device)
+        return Path(self.slot_dir) / f"gpu-{safe}.{k}.lock"
+
+
+# the slot this process holds: (pool, device, open file); released when the process exits
+_HELD: tuple[SlotPool, str, Any] | None = None
+
+
+def release_slot() -> None:
+    global _HELD
+    if _HELD is not None:
+        _HELD[2].close()  # closing the file drops the flock
+        _HELD = None
+
+
+def acquire_slot(pool: SlotPool, poll_s: float = 0.5, warn_after_s: float = 60.0) -> str:
+    """Take a free slot of `pool` (blocking) and return its device; idempotent per process."""
+    global _HELD
+    if _HELD is not None:
+        if _HELD[0] == pool:
+            return _HELD[1]
+        release_slot()
+    Path(pool.slot_dir).mkdir(parents=True, exist_ok=True)
+    t0 = last_warn = time.monotonic()
+    while True:
+        for device, k in pool.slots:
+            path = pool.lock_path(device, k)
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.uname().nodename} {os.getpid()}\n")
+            handle.flush()
+            _HELD = (pool, device, handle)
+            return device
+        now = time.monotonic()
+        if now - last_warn >= warn_after_s:
+            last_warn = now
+            log.warning("waiting %.0fs for a free GPU slot in %s (all %d taken)", now - t0,
+                        pool.slot_dir, len(pool.slots))
+        time.sleep(poll_s)
+
+
+def pin_process(pool: SlotPool) -> str | None:
+    """Run in a worker before its job: take a slot and pin the process to its GPU.
+
+    Returns the device, or None for a CPU-only pool.
+    """
+    if not pool.devices:
+        if pool.cpu_threads:
+            os.environ["OMP_NUM_THREADS"] = str(pool.cpu_threads)
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_num_threads(pool.cpu_threads)
+        return None
+    device = acquire_slot(pool)
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    torch = sys.modules.get("torch")
+    if previous != device and torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError(f"worker {os.getpid()} already initialised CUDA on device "
+                           f"{previous!r}; it cannot move to {device!r}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = device
+    return device
+
+
+def run_pinned(pool: SlotPool, idx: int, overrides: Sequence[str], hydra_context: Any,
+               config: Any, task_function: Any, singleton_state: dict) -> Any:
+    """A joblib task: pin this worker, then run the Hydra job as the joblib launcher does."""
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    device = pin_process(pool)
+    if device is not None:
+        log.info("job #%d: CUDA_VISIBLE_DEVICES=%s (worker %d)", idx, device, os.getpid())
+    return execute_job(idx, overrides, hydra_context, config, task_function, singleton_state)
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> Sequence[Any]:
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel, delayed
+
+    setup_globals()
+    assert launcher.config is not None and launcher.hydra_context is not None
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+
+    pool = launcher.pool()
+    n_jobs = launcher.parallelism
+    joblib_cfg = dict(launcher.joblib)
+    joblib_cfg["n_jobs"] = n_jobs
+    joblib_cfg["backend"] = "loky"  # processes: a worker's CUDA_VISIBLE_DEVICES is its own
+    process_joblib_cfg(joblib_cfg)
+    where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} job(s) per GPU"
+             if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per job")
+    log.info("gpus launcher: %d job(s), %d at a time on %s; sweep dir %s",
+             len(job_overrides), n_jobs, where, sweep_dir)
+    for idx, overrides in enumerate(job_overrides):
+        log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
+
+    singleton_state = Singleton.get_state()
+    runs = Parallel(**joblib_cfg)(
+        delayed(run_pinned)(pool, initial_job_idx + idx, overrides, launcher.hydra_context,
+                            launcher.config, launcher.task_function, singleton_state)
+        for idx, overrides in enumerate(job_overrides))
+    assert isinstance(runs, list) and all(isinstance(r, JobReturn) for r in runs)
+    return runs

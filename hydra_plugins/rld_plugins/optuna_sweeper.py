@@ -1,0 +1,76 @@
+"""`hydra/sweeper=rld_optuna`: hydra-optuna-sweeper with resumable studies.
+
+Differences from the upstream `optuna` sweeper (whose config it extends, so the sampler is
+still chosen with `hydra/sweeper/sampler=grid|tpe|...`):
+
+* params values may be lists: `distiller.beta: ${dataset.grid_beta}` is `choice(2,4,8,16)`.
+* grid sampler: runs every grid point that has no completed (or diverged) trial yet, one
+  trial per point, whatever `n_trials` says (null: the whole grid; a number caps it).
+  Running the command again finishes the missing points only.
+* other samplers: `n_trials` is the study's total budget; a second run tops it up.
+* several sweepers may share one study (`storage` = any SQLAlchemy URL): a grid point is
+  claimed in the database (a row with a unique key) before its trial starts, so parallel
+  workers never run the same point twice; trials of a sweeper that died are failed and their
+  points given out again (their runs resume from their checkpoints).
+* a NaN objective (diverged run) fails the trial and the study goes on; `direction`
+  defaults to maximize (accuracy).
+* `n_jobs: null` sizes each batch by the launcher (GPU slots, Slurm array parallelism).
+
+The work is done in `_sweeper.py`, imported lazily.
+"""
+
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper.config import Direction, OptunaSweeperConf
+from omegaconf import DictConfig
+
+
+@dataclass
+class RldOptunaSweeperConf(OptunaSweeperConf):
+    _target_: str = "hydra_plugins.rld_plugins.optuna_sweeper.RldOptunaSweeper"
+    direction: Any = Direction.maximize
+    # grid: null = every missing point; others: the study's total number of trials
+    n_trials: Any = None
+    # trials per batch; null: what the launcher runs at a time
+    n_jobs: Any = None
+    # stop when more than this fraction of a batch raised (NaN results never stop a study)
+    max_failure_rate: float = 1.0
+    # values: Hydra sweep strings (choice(...), interval(...), tag(log, ...)) or lists
+    params: Any = None
+    # where the best point is written; null: <sweep dir>/optimization_results.yaml
+    results_file: Any = None
+    # liveness of sweepers sharing a study: heartbeat period and age after which a silent
+    # sweeper's running trials are failed and its grid points given out again
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 600.0
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="rld_optuna",
+                             node=RldOptunaSweeperConf, provider="rld")
+
+
+class RldOptunaSweeper(Sweeper):
+    def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None,
+                 n_trials: int | None, n_jobs: int | None, max_failure_rate: float,
+                 search_space: DictConfig | None, custom_search_space: str | None,
+                 params: DictConfig | None, results_file: str | None = None,
+                 heartbeat_s: float = 30.0, stale_after_s: float = 600.0) -> None:
+        from ._sweeper import RldOptunaSweeperImpl
+
+        self.sweeper = RldOptunaSweeperImpl(
+            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
+            search_space, custom_search_space, params, results_file=results_file,
+            heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function,
+                           config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        return self.sweeper.sweep(arguments)

@@ -1,0 +1,157 @@
+"""`hydra/launcher=slurm` against a real (one-node) Slurm cluster: see scripts/slurm/test.sh."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = ["dataset=synthetic", "pair=tiny", "trainer.epochs=1", "dataset.train_size=64",
+        "dataset.test_size=64", "trainer.batch_size=32", "trainer.progress=none"]
+# a CPU-only job that fits the CI machine
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=30"]
+
+
+def command(root: Path, *args: str) -> list[str]:
+    flags = [a for a in args if a.startswith("-")]
+    rest = [a for a in args if not a.startswith("-")]
+    return [sys.executable, "-m", "rld.train", *flags, f"paths.root={root}", *rest]
+
+
+def environ() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(root: Path, *args: str, timeout: float = 900):
+    cmd = command(root, *args)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=environ())
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_grid_2x2_through_slurm(slurm_cluster, teacher_root):
+    """hparams=grid on a 2x2 grid, one Slurm job per point: 4 jobs, 4 completed trials."""
+    import optuna
+
+    root, tag = teacher_root, "slurm-grid"
+    t0 = time.time()
+    cli(root, "-m", *TINY, *SLURM, "hparams=grid", "dataset.grid_beta=[2,4]",
+        "dataset.grid_tau=[2,3]", f"tag={tag}")
+    sweep = root / "sweeps" / tag
+    runs = sorted((sweep / "synthetic").rglob("metrics.json"))
+    assert len(runs) == 4, runs
+    assert all(json.loads(m.read_text())["status"] == "completed" for m in runs)
+    jobs = [d for d in (sweep / ".submitit").iterdir() if d.is_dir()]
+    assert len([d for d in jobs if re.fullmatch(r"\d+_\d+", d.name)]) == 4  # array tasks
+    storage = f"sqlite:///{sweep}/optuna.db"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) == 4 and len(complete) == 4
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    print(f"2x2 grid through Slurm: {time.time() - t0:.1f}s")
+
+
+def _history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.pop("seconds", None)  # wall time differs, everything else must not
+    return rows
+
+
+def _squeue(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                         text=True, timeout=30)
+    return out.stdout.strip()
+
+
+RUN = [*TINY, "trainer.epochs=6", "dataset.train_size=512", "distiller.beta=2",
+       "distiller.tau=4"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(teacher_root) -> Path:
+    """The run of the requeue tests, uninterrupted, on this machine."""
+    cli(teacher_root, *RUN, "tag=ref")
+    (run_dir,) = [m.parent for m in (teacher_root / "sweeps/ref/synthetic").rglob("metrics.json")]
+    return run_dir
+
+
+@pytest.mark.parametrize("interruption", ["requeue", "usr2"])
+def test_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, teacher_root, reference_run,
+                                                     interruption):
+    """A job interrupted mid-run runs again, resumes from checkpoints/last.pt and ends with
+    exactly the accuracies and history of an uninterrupted run.
+
+    requeue: `scontrol requeue` once an epoch is saved: Slurm kills the job and queues it
+    again (preemption in REQUEUE mode).
+    usr2: SIGUSR2, which Slurm sends `signal_delay_s` before the time limit (or before a
+    preemption): submitit calls the launcher's checkpoint() and requeues the job itself.
+    (A real 1-minute time limit takes the same path but its timing depends on how fast the
+    machine is, so the test sends the signal.)"""
+    root = teacher_root
+    tag = f"slurm-{interruption}"
+    t0 = time.time()
+    proc = subprocess.Popen(command(root, "-m", *RUN, *SLURM, f"tag={tag}"),
+                            cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=environ())
+    sweep = root / "sweeps" / tag
+    job = None
+    try:
+        deadline = time.time() + 300
+        last = None
+        while time.time() < deadline and proc.poll() is None and last is None:
+            found = list(sweep.glob("synthetic/**/checkpoints/last.pt"))
+            last = found[0] if found else None
+            time.sleep(0.2)
+        assert last is not None, "no checkpoint appeared"
+        run_dir = last.parent.parent
+        (job,) = [d.name for d in (sweep / ".submitit").iterdir()
+                  if d.is_dir() and re.fullmatch(r"\d+(_\d+)?", d.name)]
+        assert not (run_dir / "metrics.json").exists(), "finished before the interruption"
+        if interruption == "requeue":
+            subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        else:  # to the job step (python), not the batch shell
+            subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        # a requeued job may only start again ~2 minutes later (BeginTime): not here
+        while proc.poll() is None and time.time() < deadline + 300:
+            if _squeue(job) == "PENDING":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],
+                               timeout=30)
+            time.sleep(1)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job is not None:
+                subprocess.run(["scancel", job], timeout=30)
+    assert proc.returncode == 0, out[-4000:]
+
+    logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").rglob("*.out"))
+    if interruption == "usr2":
+        assert "Requeued job" in logs, "submitit did not requeue the job"
+    assert "resumed from" in logs, "the job did not resume from its checkpoint"
+    got, ref = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference_run))
+    assert got["status"] == ref["status"] == "completed"
+    for key in ("top1", "top1_best", "top5"):
+        assert got[key] == ref[key], (key, got[key], ref[key])
+    assert _history(run_dir) == _history(reference_run)
+    assert len(_history(run_dir)) == 6
+    print(f"{interruption}: {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
