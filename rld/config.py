@@ -91,7 +91,10 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | bf16 | fp16 | fp32
     channels_last: bool = True  # on CUDA only
-    compile: bool = False  # torch.compile student and teacher
+    compile: bool = False  # torch.compile student, teacher and distillation loss
+    # with compile: default | reduce-overhead (CUDA graphs) | max-autotune (CUDA graphs)
+    # | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     drop_last: bool = False  # drop the last partial training batch
     progress: str = "auto"  # auto (bar on a terminal, else a line per epoch) | bar | line | none
     resume: bool = True  # continue from checkpoints/last.pt of the run directory

@@ -20,12 +20,12 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from rld import io
@@ -33,13 +33,15 @@ from rld.config import PLACEMENT_PREFIXES
 from rld.data import DataError, build_loaders
 from rld.distillers import Distiller, build_distiller
 from rld.models import CheckpointError, build_model, load_checkpoint
-from rld.validate import ConfigError, validate
+from rld.validate import COMPILE_MODES, ConfigError, validate
 
 log = logging.getLogger("rld")
 
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 LAST = Path("checkpoints") / "last.pt"
+# torch.compile modes (trainer.compile_mode); those of CUDAGRAPH_MODES replay CUDA graphs
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class RunError(ValueError):
@@ -151,6 +153,7 @@ class Step:
     device: torch.device
     dtype: torch.dtype
     channels_last: bool
+    cudagraphs: bool = False  # compiled models replay CUDA graphs: mark each step's start
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -159,6 +162,44 @@ class Step:
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def build_step(student: torch.nn.Module, teacher: torch.nn.Module | None,
+               distiller: Distiller, *, device: torch.device, dtype: torch.dtype,
+               channels_last: bool, compile: bool, lr: float, momentum: float,
+               weight_decay: float, compile_mode: str = "default") -> Step:
+    """Models on the device (channels-last on CUDA), SGD over the student's parameters
+    only, a gradient scaler for fp16.
+
+    compile: torch.compile the student, the teacher and the distiller's loss function (a
+    chain of small kernels) in `compile_mode`, with static shapes: a partial last batch
+    compiles one more graph per function instead of a slower dynamic-shape graph for all.
+    The loss weights (warm-up ramp, CE) stay outside the graphs, so the epoch number is
+    never baked into one.  The caller's `distiller` is left as it is."""
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile_mode={compile_mode!r} is not allowed: use one of "
+                          f"{', '.join(COMPILE_MODES)}")
+    channels_last = channels_last and device.type == "cuda"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    student.to(device, memory_format=fmt)
+    if teacher is not None:
+        teacher.to(device, memory_format=fmt).eval()
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    cudagraphs = False
+    if compile:
+        def compiled(fn):
+            return torch.compile(fn, mode=compile_mode, dynamic=False)
+
+        student = compiled(student)
+        teacher = compiled(teacher) if teacher is not None else None
+        if distiller.loss_fn is not None:
+            distiller = copy(distiller)
+            distiller.loss_fn = compiled(distiller.loss_fn)
+        cudagraphs = compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
+    return Step(student, teacher, distiller, optimizer, scaler, device, dtype, channels_last,
+                cudagraphs)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -197,6 +238,38 @@ class Progress:
             sys.stderr.flush()
 
 
+def train_step(s: Step, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """One optimisation step; returns (loss terms, total loss, student logits), on device.
+
+    With CUDA graphs, compiled outputs live in memory that the next step's replay
+    overwrites: the gradients are dropped before the forward, and the returned logits are a
+    copy, so every returned tensor may be kept."""
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    x = s.inputs(x)
+    with s.autocast():
+        logits = s.student(x)
+        logits_t = None
+        if s.teacher is not None:
+            with torch.inference_mode():
+                logits_t = s.teacher(x)
+    if logits_t is not None:
+        logits_t = logits_t.clone()  # a normal tensor: autograd may save it
+    terms = s.distiller.terms(logits, logits_t, y, epoch)
+    loss = torch.stack(list(terms.values())).sum()
+    if s.scaler is not None:
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        loss.backward()
+        s.optimizer.step()
+    if s.cudagraphs:
+        logits = logits.detach().clone()
+    return terms, loss, logits
+
+
 def train_epoch(s: Step, loader, epoch: int, epochs: int, progress: Progress) -> dict:
     """One epoch.  Loss terms and accuracy accumulate on the device and are read once at
     the end (plus the progress bar's reads, a few per second at most)."""
@@ -205,25 +278,7 @@ def train_epoch(s: Step, loader, epoch: int, epochs: int, progress: Progress) ->
     first_bad = torch.full((), -1, dtype=torch.long, device=s.device)
     steps = len(loader)
     for step, (x, y) in enumerate(loader):
-        x = s.inputs(x)
-        with s.autocast():
-            logits = s.student(x)
-            logits_t = None
-            if s.teacher is not None:
-                with torch.inference_mode():
-                    logits_t = s.teacher(x)
-        if logits_t is not None:
-            logits_t = logits_t.clone()  # a normal tensor: autograd may save it
-        terms = s.distiller.terms(logits, logits_t, y, epoch)
-        loss = torch.stack(list(terms.values())).sum()
-        s.optimizer.zero_grad(set_to_none=True)
-        if s.scaler is not None:
-            s.scaler.scale(loss).backward()
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
-        else:
-            loss.backward()
-            s.optimizer.step()
+        terms, loss, logits = train_step(s, x, y, epoch)
         with torch.no_grad():
             n = y.shape[0]
             count += n  # batch sizes are host metadata: no device read
@@ -251,6 +306,8 @@ def evaluate(model: torch.nn.Module, loader, s: Step) -> tuple[float, float]:
     model.eval()
     sums, n = torch.zeros(2, device=s.device), 0
     for x, y in loader:
+        if s.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with s.autocast():
             logits = model(s.inputs(x))
         sums += torch.stack([topk_correct(logits, y, 1), topk_correct(logits, y, 5)]).float()
@@ -333,7 +390,8 @@ def _train(cfg, run_dir: Path, fp: dict) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     try:
-        data = build_loaders(cfg.dataset, t.batch_size, device, cfg.seed, drop_last=t.drop_last)
+        data = build_loaders(cfg.dataset, t.batch_size, device, cfg.seed, drop_last=t.drop_last,
+                             test_batch_size=max(t.batch_size, 256))
     except DataError as e:
         raise RunError(str(e)) from None
     num_classes = data.num_classes
@@ -342,22 +400,14 @@ def _train(cfg, run_dir: Path, fp: dict) -> dict:
     if distiller.needs_teacher:
         teacher = _load_teacher(cfg, num_classes, device)
     arch = cfg.pair.teacher if cfg.role == "teacher" else cfg.pair.student
-    student = build_model(arch, num_classes, cfg.dataset.family).to(device)
-    channels_last = t.channels_last and device.type == "cuda"
-    if channels_last:
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    student = build_model(arch, num_classes, cfg.dataset.family)
+    s = build_step(student, teacher, distiller, device=device, dtype=dtype,
+                   channels_last=t.channels_last, compile=t.compile, lr=cfg.optim.lr,
+                   momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                   compile_mode=t.compile_mode)
+    optimizer, scaler = s.optimizer, s.scaler
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.optim.milestones),
                                                      gamma=cfg.optim.gamma)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    s = Step(student, teacher, distiller, optimizer, scaler, device, dtype, channels_last)
-    if t.compile:
-        s.student = torch.compile(student)
-        s.teacher = torch.compile(teacher) if teacher is not None else None
 
     history: list[dict] = []
     best, teacher_top1, start = -1.0, None, 1

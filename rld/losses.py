@@ -25,11 +25,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # Masked logits are set this far below everything else: exp() of it is exactly 0 in
 # float32, so the softmax over the kept classes is exact, and unlike -inf it keeps every
 # product 0 * (log a - log b) finite (no NaN in values or gradients).
 _MASKED = -1e9
+
+# The dtype every loss computes in (the tests switch it to float64 for gradcheck).
+_DTYPE = torch.float32
 
 
 def standardize_logits(z: Tensor) -> Tensor:
@@ -38,79 +42,121 @@ def standardize_logits(z: Tensor) -> Tensor:
 
 
 def _prepare(z_s: Tensor, z_t: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
-    z_s, z_t = z_s.float(), z_t.detach().float()
+    z_s, z_t = z_s.to(_DTYPE), z_t.detach().to(_DTYPE)
     if standardize:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     return z_s, z_t
 
 
-def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Per-row KL(a || b) from log-probabilities [B, K]."""
-    return (log_a.exp() * (log_a - log_b)).sum(dim=1)
+# The losses below are autograd Functions whose forward also computes the gradient with
+# respect to the student's logits in closed form, without an autograd graph: at CIFAR
+# sizes a training step on a GPU is bound by kernel launches, and autograd through the
+# composite formulas triples their number.  Student and teacher are stacked into one
+# [2, B, C] tensor so that each step is one kernel for both.  No gradient flows to the
+# teacher (its logits are detached).
+
+class _KD(torch.autograd.Function):
+    """tau^2 * mean_i KL(p_t || p_s), p = softmax(z / tau); d/dz_s = tau * (p_s - p_t) / B."""
+
+    @staticmethod
+    def forward(ctx, z_s: Tensor, z_t: Tensor, tau: float) -> Tensor:
+        logp = F.log_softmax(torch.stack([z_s, z_t]) / tau, dim=2)
+        p = logp.exp()
+        scale = tau / len(z_s)
+        ctx.save_for_backward((p[0] - p[1]) * scale)
+        return (p[1] * (logp[1] - logp[0])).sum() * (tau * scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return ctx.saved_tensors[0] * grad, None, None
 
 
-def _masked_kl_rows(z_s: Tensor, z_t: Tensor, keep: Tensor) -> Tensor:
-    """Per-row KL between the teacher's and student's softmax over the kept classes only.
+class _BinaryMaskedKL(torch.autograd.Function):
+    """The weighted parts shared by DKD and RLD,
 
-    Rows that keep no class give 0 (they are computed unmasked and then zeroed, so their
-    gradient is exactly 0 rather than NaN).
+        w_b * mean_i binary_i + w_m * mean_i masked_i,
+        binary = KL([a, 1 - a] || [q, 1 - q]),  a = q_t(top_t), q = q_s(top_s),
+        masked = KL(r_t || r_s),
+
+    with q = softmax(z / tau_b) and r = softmax(z / tau_m) restricted to the kept classes:
+    those not in `drop` [B, C], or (drop=None, DKD, tau_m = tau_b) those not in `top`.
+    `top` [2, B] holds top_s and top_t.  log(1 - q) is a logsumexp over the other classes,
+    exact even where q rounds to 1.  A row that keeps no class has every logit masked, so
+    r_s = r_t (uniform): it gives 0 and a gradient of exactly 0.  Per row, with y = top_s
+    and u = softmax(z_s / tau_b) restricted to the classes c != y (u_y = 0):
+
+        d binary / d z_s = (q - a) * (onehot(y) - u) / tau_b
+        d masked / d z_s = (r_s - r_t) / tau_m      (0 outside the kept classes)
     """
-    has_kept = keep.any(dim=1)
-    keep = keep | ~has_kept.unsqueeze(1)
-    log_s = F.log_softmax(z_s.masked_fill(~keep, _MASKED), dim=1)
-    log_t = F.log_softmax(z_t.masked_fill(~keep, _MASKED), dim=1)
-    return _kl_rows(log_t, log_s) * has_kept
 
+    @staticmethod
+    def forward(ctx, z_s: Tensor, z_t: Tensor, top: Tensor, drop: Tensor | None,
+                tau_b: float, tau_m: float, w_b: float, w_m: float) -> Tensor:
+        n = len(z_s)
+        z = torch.stack([z_s, z_t])
+        top = top.unsqueeze(2)
+        zb = z / tau_b
+        logq = F.log_softmax(zb, dim=2)
+        rest = logq.scatter(2, top, _MASKED)
+        if drop is None:  # DKD: r = u
+            masked = rest
+        else:
+            masked = (zb if tau_m == tau_b else z / tau_m).masked_fill(drop, _MASKED)
+        # per row: log q(top), log(1 - q(top)), log r  (student [0], teacher [1])
+        logs = torch.cat([logq.gather(2, top), torch.logsumexp(rest, dim=2, keepdim=True),
+                          F.log_softmax(masked, dim=2)], dim=2)
+        p = logs.exp()
+        kl = p[1] * (logs[1] - logs[0])
+        loss = torch.add(kl[:, :2].sum() * (w_b / n), kl[:, 2:].sum(), alpha=w_m / n)
+        dp = p[0] - p[1]  # q - a, then r_s - r_t
+        u = p[0, :, 2:] if drop is None else F.softmax(rest[0], dim=1)
+        u = u.scatter(1, top[0], -1.0)  # u - onehot(y)
+        grad = torch.addcmul(dp[:, 2:] * (w_m / (n * tau_m)), dp[:, :1], u,
+                             value=-w_b / (n * tau_b))
+        ctx.save_for_backward(grad)
+        return loss
 
-def _log_binary(z: Tensor, index: Tensor) -> Tensor:
-    """log [p_k, 1 - p_k] per row for p = softmax(z) and class k = index, [B, 2].
-
-    log(1 - p_k) is computed as logsumexp over the other classes minus logsumexp over all,
-    which stays exact when p_k is 1 to float precision.
-    """
-    onehot = F.one_hot(index, z.shape[1]).bool()
-    lse_all = torch.logsumexp(z, dim=1)
-    log_p = z.gather(1, index.unsqueeze(1)).squeeze(1) - lse_all
-    log_rest = torch.logsumexp(z.masked_fill(onehot, _MASKED), dim=1) - lse_all
-    return torch.stack([log_p, log_rest], dim=1)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (ctx.saved_tensors[0] * grad,) + (None,) * 7
 
 
 def kd_loss(logits_student: Tensor, logits_teacher: Tensor, tau: float,
             standardize: bool = False) -> Tensor:
     """KD: tau^2 * mean_i KL(softmax(z_t/tau) || softmax(z_s/tau))."""
-    z_s, z_t = _prepare(logits_student, logits_teacher, standardize)
-    log_s = F.log_softmax(z_s / tau, dim=1)
-    log_t = F.log_softmax(z_t / tau, dim=1)
-    return _kl_rows(log_t, log_s).mean() * tau**2
+    return _KD.apply(*_prepare(logits_student, logits_teacher, standardize), tau)
 
 
 def dkd_loss(logits_student: Tensor, logits_teacher: Tensor, target: Tensor, alpha: float,
              beta: float, tau: float, standardize: bool = False) -> Tensor:
     """DKD: alpha * TCKD + beta * NCKD (binary target-class KL + non-target-class KL)."""
     z_s, z_t = _prepare(logits_student, logits_teacher, standardize)
-    z_s, z_t = z_s / tau, z_t / tau
-    tckd = _kl_rows(_log_binary(z_t, target), _log_binary(z_s, target))
-    not_target = ~F.one_hot(target, z_s.shape[1]).bool()
-    nckd = _masked_kl_rows(z_s, z_t, not_target)
-    return (alpha * tckd.mean() + beta * nckd.mean()) * tau**2
+    return _BinaryMaskedKL.apply(z_s, z_t, target.expand(2, -1), None, tau, tau,
+                                 alpha * tau**2, beta * tau**2)
+
+
+def _rld(logits_student: Tensor, logits_teacher: Tensor, target: Tensor, scd_tau: float,
+         tau: float, w_scd: float, w_mcd: float, standardize: bool) -> Tensor:
+    """w_scd * SCD / scd_tau^2 + w_mcd * MCD / tau^2."""
+    z_s, z_t = _prepare(logits_student, logits_teacher, standardize)
+    drop = z_t >= z_t.gather(1, target.unsqueeze(1))
+    top = torch.stack([target, z_t.argmax(dim=1)])
+    return _BinaryMaskedKL.apply(z_s, z_t, top, drop, scd_tau, tau, w_scd, w_mcd)
 
 
 def scd_loss(logits_student: Tensor, logits_teacher: Tensor, target: Tensor, tau: float,
              standardize: bool = False) -> Tensor:
     """Sample confidence distillation: the teacher's top-class confidence becomes the
     student's target confidence in the true class."""
-    z_s, z_t = _prepare(logits_student, logits_teacher, standardize)
-    z_s, z_t = z_s / tau, z_t / tau
-    top = z_t.argmax(dim=1)
-    return _kl_rows(_log_binary(z_t, top), _log_binary(z_s, target)).mean() * tau**2
+    return _rld(logits_student, logits_teacher, target, tau, tau, tau**2, 0.0, standardize)
 
 
 def mcd_loss(logits_student: Tensor, logits_teacher: Tensor, target: Tensor, tau: float,
              standardize: bool = False) -> Tensor:
     """Masked correlation distillation: KL over the classes the teacher ranks below y."""
-    z_s, z_t = _prepare(logits_student, logits_teacher, standardize)
-    keep = z_t < z_t.gather(1, target.unsqueeze(1))
-    return _masked_kl_rows(z_s / tau, z_t / tau, keep).mean() * tau**2
+    return _rld(logits_student, logits_teacher, target, tau, tau, 0.0, tau**2, standardize)
 
 
 def rld_loss(logits_student: Tensor, logits_teacher: Tensor, target: Tensor, alpha: float,
@@ -118,6 +164,5 @@ def rld_loss(logits_student: Tensor, logits_teacher: Tensor, target: Tensor, alp
              standardize: bool = False) -> Tensor:
     """RLD: alpha * SCD (at scd_tau, default tau) + beta * MCD (at tau)."""
     scd_tau = tau if scd_tau is None else scd_tau
-    scd = scd_loss(logits_student, logits_teacher, target, scd_tau, standardize)
-    mcd = mcd_loss(logits_student, logits_teacher, target, tau, standardize)
-    return alpha * scd + beta * mcd
+    return _rld(logits_student, logits_teacher, target, scd_tau, tau, alpha * scd_tau**2,
+                beta * tau**2, standardize)

@@ -231,8 +231,10 @@ def load_run(run_dir: Path, cwd: str | None = None) -> dict:
     m = metrics or {}
 
     def pick(cfg_key: str, m_key: str) -> Any:
-        v = _cfg_get(cfg, cfg_key)
-        return m.get(m_key) if v is None else v
+        # metrics.json holds resolved values; the saved config may keep interpolations
+        # (e.g. oc.select of per-pair defaults) that are only resolved by Hydra
+        v = m.get(m_key)
+        return _cfg_get(cfg, cfg_key) if v is None else v
 
     role = str(pick("role", "role") or "student")
     teacher = pick("pair.teacher", "teacher")
@@ -286,7 +288,10 @@ def load_run(run_dir: Path, cwd: str | None = None) -> dict:
     for key in sorted(dist_cfg):
         if key == "name":
             continue
-        settings[key] = _setting_value(_cfg_get(cfg, f"distiller.{key}"))
+        value = m.get(key)
+        if value is None:
+            value = _cfg_get(cfg, f"distiller.{key}")
+        settings[key] = _setting_value(value)
     if not dist_cfg:  # config without a distiller node: fall back to metrics.json
         for key in ("alpha", "beta", "tau", "scd_tau", "standardize", "warmup", "ce_weight"):
             if key in m:

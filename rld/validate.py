@@ -16,6 +16,7 @@ DATASETS = ("cifar100", "imagenet", "synthetic", "digits")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROGRESS = ("auto", "bar", "line", "none")
 OBJECTIVES = ("top1_best", "top1", "top5")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -41,6 +42,7 @@ def validate(cfg) -> None:
                  "role=teacher trains the teacher alone: use distiller=vanilla")
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.progress", t.progress, PROGRESS)
+    _choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
     _choice("objective", cfg.objective, OBJECTIVES)
     for key in ("tau", "scd_tau"):
         _require(d[key] > 0, f"distiller.{key}", d[key], "must be > 0")

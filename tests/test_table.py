@@ -374,6 +374,23 @@ def test_many_runs_fast(tmp_path: Path):
     assert elapsed < 15, elapsed
 
 
+def _set_metrics(run_dir: Path, **values) -> None:
+    """Keep metrics.json in step with an edited config, as the engine writes both."""
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def test_metrics_values_win_over_unresolved_config(tmp_path: Path):
+    """The saved config keeps interpolations such as oc.select; metrics.json is resolved."""
+    d = write_run(tmp_path / "sweeps", "kd", distiller="kd", tau=4, top1_best=70.0)
+    cfg_path = d / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["distiller"]["tau"] = "${oc.select:pair.loss_defaults.kd.tau,4.0}"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    (run,) = table.collect_runs([tmp_path / "sweeps"], cwd=str(tmp_path))
+    assert run["tau"] == 4.0 and run["_settings"]["tau"] == 4.0
+
+
 def test_variants_failed_and_explicit_scd_tau(tmp_path: Path):
     """Settings other than beta/tau that vary split the grid; odd statuses are 'failed'."""
     s = tmp_path / "sweeps"
@@ -384,11 +401,13 @@ def test_variants_failed_and_explicit_scd_tau(tmp_path: Path):
             cfg = yaml.safe_load(cfg_path.read_text())
             cfg["distiller"]["standardize"] = std
             cfg_path.write_text(yaml.safe_dump(cfg))
+            _set_metrics(d, standardize=std)
     # scd_tau set on its own (not the ${distiller.tau} default): a different point
     d = write_run(s, "v/scd/b=1", distiller="rld", beta=1, tau=4, top1_best=99.0)
     cfg = yaml.safe_load((d / ".hydra/config.yaml").read_text())
     cfg["distiller"]["scd_tau"] = 1.0
     (d / ".hydra/config.yaml").write_text(yaml.safe_dump(cfg))
+    _set_metrics(d, scd_tau=1.0)
     # a run killed by the scheduler and a corrupt metrics.json: failed, not completed
     write_run(s, "v/killed", distiller="kd", tau=2, status="killed", top1_best=50.0)
     bad = write_run(s, "v/corrupt", distiller="kd", tau=3, top1_best=50.0)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, SMALL, run_train
 
 RUNS = Path("sweeps/main/synthetic/tiny")

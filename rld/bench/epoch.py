@@ -1,0 +1,247 @@
+"""``python -m rld.bench epoch``: one RLD training epoch, fast path against the published loop.
+
+Both paths train the pair's student (default resnet32x4 -> resnet8x4) with RLD on the same
+synthetic CIFAR-sized images (default 50,000 on CUDA, 5,000 on CPU), in the same process:
+- fast: the whole set on the device as uint8, crop/flip/normalise batched there
+  (`DeviceLoader`), bf16 autocast on capable GPUs, channels-last, loss and accuracy
+  accumulated on the device and read once (the engine's `train_epoch`);
+- reference: the published loop, a torchvision DataLoader with 2 workers running PIL
+  transforms (RandomCrop(32, 4) + flip + ToTensor + Normalize), fp32, and a host read of
+  the loss and the accuracy after every step.
+Each path first runs a few untimed steps (CUDA context, cuDNN autotuning); the fast path's
+also cover the partial last batch, so that with --compile every graph is compiled (and
+captured, with CUDA graphs) before the clock starts.  Their time is printed apart, with the
+number of graphs compiled while timing (should be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+RLD = SimpleNamespace(
+    name="rld",
+    alpha=1.0,
+    beta=8.0,
+    tau=4.0,
+    scd_tau=4.0,
+    warmup=0,
+    ce_weight=1.0,
+    kd_weight=1.0,
+    standardize=False,
+)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m rld.bench epoch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pair", default="resnet32x4_resnet8x4")
+    p.add_argument("--images", type=int, default=0, help="default 50000 on CUDA, 5000 on CPU")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="of the fast path")
+    p.add_argument("--compile", action="store_true", help="torch.compile (fast path)")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        help="default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs",
+    )
+    p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--out", default="results/bench_epoch.csv")
+    return p.parse_args(argv)
+
+
+class _PILSet:
+    """CIFAR-style dataset: uint8 HWC arrays -> PIL image -> transforms, per sample."""
+
+    def __init__(self, images_nhwc, labels, transform):
+        self.images, self.labels, self.transform = images_nhwc, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def _reference_epoch(step, ds, batch_size: int, workers: int, device, warm: int) -> float:
+    import torch
+    from torchvision import transforms
+
+    from rld.engine import train_step
+
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(ds.mean, ds.std),
+        ]
+    )
+    data = _PILSet(ds.train_images.permute(0, 2, 3, 1).numpy(), ds.train_labels.numpy(), tf)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, num_workers=workers
+    )
+
+    def run(limit):
+        meter = correct = 0.0
+        for i, (x, y) in enumerate(loader):
+            if i == limit:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            _, loss, logits = train_step(step, x, y, epoch=1)
+            meter += loss.item()  # the published loop's per-step host reads
+            correct += (logits.argmax(1) == y).float().mean().item()
+
+    run(warm)
+    t0 = time.perf_counter()
+    run(-1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, float, int]:
+    """Seconds of one timed epoch, seconds of the untimed warm-up before it, and the graphs
+    compiled while timing."""
+    import torch
+
+    from rld.bench.step import compiled_graphs
+    from rld.data import DeviceLoader
+    from rld.engine import Progress, train_epoch, train_step
+
+    loader = DeviceLoader(
+        ds.train_images,
+        ds.train_labels,
+        batch_size,
+        train=True,
+        mean=ds.mean,
+        std=ds.std,
+        device=device,
+        seed=0,
+    )
+    loader.set_epoch(1)
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        if i == warm:
+            break
+        train_step(step, x, y, epoch=1)
+    rest = loader.num_samples % batch_size
+    for _ in range(3 if rest else 0):  # the last batch's shape: compile, then graph capture
+        train_step(step, x[:rest], y[:rest], epoch=1)
+    loader.set_epoch(2)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warm_s = time.perf_counter() - t0
+    graphs = compiled_graphs()
+    t0 = time.perf_counter()
+    train_epoch(step, loader, 2, 2, Progress("none", 1.0))  # ends with its one host read
+    return time.perf_counter() - t0, warm_s, compiled_graphs() - graphs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from rld.bench.data import device_name
+    from rld.bench.step import _pair, check_compile_mode, compile_note
+    from rld.config import CIFAR_MEAN, CIFAR_STD
+    from rld.data import load_dataset
+    from rld.distillers import build_distiller
+    from rld.engine import build_step, resolve_device, resolve_precision
+    from rld.io import write_text
+    from rld.models import build_model
+
+    check_compile_mode("rld.bench epoch", args.compile_mode)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    images = args.images or (50000 if cuda else 5000)
+    ds = load_dataset(
+        SimpleNamespace(
+            name="synthetic",
+            root="",
+            download=False,
+            num_classes=100,
+            image_size=32,
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            train_size=images,
+            test_size=1,
+            data_seed=0,
+        )
+    )
+    teacher_arch, student_arch = _pair(args.pair)
+    warm = 20 if cuda else 2
+
+    def step(dtype, channels_last, compile, compile_mode="default"):
+        torch.manual_seed(0)
+        return build_step(
+            build_model(student_arch, 100),
+            build_model(teacher_arch, 100),
+            build_distiller(RLD),
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            compile=compile,
+            compile_mode=compile_mode,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=5e-4,
+        )
+
+    fast_dtype = resolve_precision(args.precision, device)
+    fast_step = step(fast_dtype, True, args.compile, args.compile_mode)
+    fast, warm_s, late = _fast_epoch(fast_step, ds, args.batch_size, device, warm)
+    ref = None
+    if not args.skip_reference:
+        ref = _reference_epoch(
+            step(torch.float32, False, False), ds, args.batch_size, args.workers, device, warm
+        )
+    name = device_name(device)
+    prec = str(fast_dtype).removeprefix("torch.")
+    print(
+        f"one RLD epoch, {args.pair}, {images} synthetic 32x32 images, batch "
+        f"{args.batch_size}, on {name} (torch {torch.__version__})"
+    )
+    print(f"{'path':<70} {'seconds':>8} {'images/s':>9}")
+    rows = [
+        (
+            "fast",
+            f"device-resident data, {prec}, no per-step sync"
+            + (f", compile {args.compile_mode}" if args.compile else ""),
+            fast,
+        )
+    ]
+    if ref is not None:
+        rows.append(
+            ("reference", f"DataLoader({args.workers} workers)+PIL, fp32, per-step .item()", ref)
+        )
+    for label, desc, sec in rows:
+        print(f"{label + ': ' + desc:<70} {sec:>8.2f} {images / sec:>9.0f}")
+    print(
+        f"fast path untimed warm-up ({warm} steps + the last batch's shape"
+        f"{', compilation included' * args.compile}): {warm_s:.1f} s; "
+        f"graphs compiled while timed: {late}{compile_note(args.compile)}"
+    )
+    if ref is not None:
+        print(f"speed-up of the fast path: {ref / fast:.2f}x")
+    lines = ["path,description,device,images,batch_size,seconds,images_per_s,speedup,warmup_s"]
+    for label, desc, sec in rows:
+        speed = f"{ref / fast:.3f}" if ref is not None and label == "fast" else ""
+        warm_col = f"{warm_s:.3f}" if label == "fast" else ""
+        lines.append(
+            f'{label},"{desc}",{name},{images},{args.batch_size},{sec:.3f},'
+            f"{images / sec:.1f},{speed},{warm_col}"
+        )
+    if args.out:
+        write_text(Path(args.out), "\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+    return 0
