@@ -11,8 +11,9 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    SITE=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl
+    export PYTHONPATH=$SITE
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}

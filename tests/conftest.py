@@ -1,34 +1,11 @@
-"""Shared fixtures: run the real CLI in a subprocess, as a user would, in a temp root."""
+"""Shared fixtures (the helpers they use live in cli_helpers.py, importable by tests)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-
-# A tiny synthetic problem: a couple of seconds per CLI run on a 2-core CPU.
-SMALL = ["dataset=synthetic", "pair=tiny", "dataset.train_size=256", "dataset.test_size=128",
-         "trainer.batch_size=64", "trainer.progress=line"]
-
-
-def run_train(root: Path, *overrides: str, check: bool = True, timeout: float = 300,
-              env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m rld.train paths.root=ROOT <overrides>` in a subprocess."""
-    flags = [o for o in overrides if o.startswith("-")]  # argparse wants flags first
-    rest = [o for o in overrides if not o.startswith("-")]
-    cmd = [sys.executable, "-m", "rld.train", *flags, f"paths.root={root}", *rest]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+from cli_helpers import SMALL, run_train
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMALL, run_train
+from cli_helpers import REPO, SMALL, run_train
 
 RUNS = Path("sweeps/main/synthetic/tiny")
 
@@ -110,10 +110,10 @@ def test_resume_after_sigkill_gives_identical_numbers(teacher_root, tmp_path):
 def test_divergence_is_recorded_and_named(teacher_root):
     root = teacher_root
     proc = run_train(root, *SMALL, "distiller=rld", "trainer.epochs=2", "optim.lr=1e12",
-                     "distiller.warmup=0", "tag=diverge")
+                     "distiller.warmup=0", "tag=cli_diverge")
     out = proc.stdout + proc.stderr
     assert "non-finite loss at epoch 1, step" in out
-    [metrics_path] = (root / "sweeps/diverge").rglob("metrics.json")
+    [metrics_path] = (root / "sweeps/cli_diverge").rglob("metrics.json")
     metrics = json.loads(metrics_path.read_text())
     assert metrics["status"] == "diverged" and metrics["top1"] is None
     assert not (metrics_path.parent / "student.pt").exists()

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SLOT_DIR = "/tmp/rld-gpu-slots"
+DEFAULT_SLOT_DIR = os.path.join(tempfile.gettempdir(), "rld-gpu-slots")
 
 
 def parse_visible(value: str) -> list[str]:
