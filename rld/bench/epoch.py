@@ -152,11 +152,11 @@ def main(argv=None) -> int:
     import torch
 
     from rld.bench.data import device_name
-    from rld.bench.step import _pair, check_compile_mode, compile_note
+    from rld.bench.step import _pair, bench_step, check_compile_mode, compile_note
     from rld.config import CIFAR_MEAN, CIFAR_STD
     from rld.data import load_dataset
     from rld.distillers import build_distiller
-    from rld.engine import build_step, resolve_device, resolve_precision
+    from rld.engine import resolve_device, resolve_precision
     from rld.io import write_text
     from rld.models import build_model
 
@@ -183,19 +183,8 @@ def main(argv=None) -> int:
 
     def step(dtype, channels_last, compile, compile_mode="default"):
         torch.manual_seed(0)
-        return build_step(
-            build_model(student_arch, 100),
-            build_model(teacher_arch, 100),
-            build_distiller(RLD),
-            device=device,
-            dtype=dtype,
-            channels_last=channels_last,
-            compile=compile,
-            compile_mode=compile_mode,
-            lr=0.05,
-            momentum=0.9,
-            weight_decay=5e-4,
-        )
+        return bench_step(student_arch, build_model(teacher_arch, 100), build_distiller(RLD),
+                          device, dtype, channels_last, compile, compile_mode)
 
     fast_dtype = resolve_precision(args.precision, device)
     fast_step = step(fast_dtype, True, args.compile, args.compile_mode)
