@@ -1,0 +1,45 @@
+"""The command line: ``python -m rld.table [SWEEP_DIR ...] [--out DIR] [--metric ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .collect import collect_runs
+from .formatting import METRICS
+from .outputs import write_outputs
+from .render import table_markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m rld.table",
+        description="Collect sweep runs into results/runs.csv and the paper's tables.",
+    )
+    ap.add_argument("sweeps", nargs="*", default=["sweeps"], metavar="SWEEP_DIR",
+                    help="directories to search for runs (default: sweeps)")  # fmt: skip
+    ap.add_argument("--out", default="results", help="output directory (default: results)")
+    ap.add_argument("--metric", choices=METRICS, default="top1_best",
+                    help="best-epoch (default, published convention) or last-epoch top-1")  # fmt: skip
+    args = ap.parse_args(argv)
+    missing = [d for d in args.sweeps if not os.path.isdir(d)]
+    if missing:
+        print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs = collect_runs(args.sweeps)
+    if not runs:
+        print(f"warning: no run directories (.hydra/config.yaml) under {', '.join(args.sweeps)}",
+              file=sys.stderr)  # fmt: skip
+    written, tables = write_outputs(runs, Path(args.out), args.metric)
+    for t in tables:
+        print(table_markdown(t))
+    print("Wrote:")
+    for p in written:
+        print(f"  {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
