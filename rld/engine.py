@@ -261,6 +261,8 @@ def _completed(run_dir: Path, fp: dict) -> dict | None:
     import json
 
     metrics = json.loads(path.read_text())
+    if metrics.get("status") == "failed":
+        return None  # an error stopped it before: try again
     if metrics.get("fingerprint") != fp:
         old = metrics.get("fingerprint") or {}
         diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
@@ -430,6 +432,30 @@ def _train(cfg, run_dir: Path, fp: dict) -> dict:
         log.info("done: top-1 %.2f%% (best %.2f%%), top-5 %.2f%%, %s", metrics["top1"],
                  metrics["top1_best"], metrics["top5"], run_dir)
     return metrics
+
+
+def record_failure(cfg, run_dir: Path, message: str) -> None:
+    """metrics.json with status "failed" for a run that raised (tables show it as failed;
+    running the same command again retries it).  A finished run's record is never
+    replaced (the error may be about that very directory)."""
+    path = Path(run_dir) / METRICS
+    if path.exists():
+        import json
+
+        try:
+            if json.loads(path.read_text()).get("status") != "failed":
+                return
+        except ValueError:
+            pass
+    keys = ("alpha", "beta", "tau", "scd_tau", "standardize", "warmup", "ce_weight",
+            "kd_weight")
+    distiller = {k: cfg.distiller.get(k) for k in keys}
+    io.write_json(path, {
+        "status": "failed", "message": message, "top1": None, "top1_best": None,
+        "top5": None, "epochs": cfg.trainer.epochs, "dataset": cfg.dataset.name,
+        "pair": cfg.pair.name, "role": cfg.role, "student": cfg.pair.student,
+        "distiller": cfg.distiller.name, **distiller, "seed": cfg.seed,
+        "versions": versions()})
 
 
 def objective_value(metrics: dict, key: str) -> float:

@@ -42,12 +42,14 @@ def main(cfg: DictConfig) -> float:
             print(f"rld.train: error: {e}", file=sys.stderr)
             sys.exit(2)
         log.error("this grid point failed: %s", e)
+        engine.record_failure(cfg, run_dir, str(e))
         return float("nan")
-    except Exception:
+    except Exception as e:
         if not multirun:
             raise
         # one broken point must not take the sweep down: record it and go on
         log.error("this grid point failed:\n%s", traceback.format_exc())
+        engine.record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
         return float("nan")
     return engine.objective_value(metrics, cfg.objective)
 

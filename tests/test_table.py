@@ -427,3 +427,13 @@ def test_variants_failed_and_explicit_scd_tau(tmp_path: Path):
     assert tmp_path / "out/cifar100/vgg13_vgg8_rld_standardize=true_grid.png" in written
     md = (tmp_path / "out/cifar100/vgg13_vgg8_rld_standardize=true_grid.md").read_text()
     assert "**76.00 (n=1)** (best)" in md and "standardize=true" in md
+
+
+def test_a_failed_record_is_failed_not_diverged(tmp_path: Path):
+    """The engine records a run that raised as status "failed" with null accuracies."""
+    write_run(tmp_path / "sweeps", "f", distiller="rld", status="failed", top1_best=None)
+    write_run(tmp_path / "sweeps", "d", distiller="rld", beta=2, status="diverged",
+              top1_best=None)
+    runs = table.collect_runs([tmp_path / "sweeps"], cwd=str(tmp_path))
+    assert sorted((r["beta"], r["status"]) for r in runs) == [(2.0, "diverged"),
+                                                             (8.0, "failed")]

@@ -170,3 +170,16 @@ def test_objective_is_returned_and_nan_for_diverged():
 
     assert objective_value({"top1_best": 55.0}, "top1_best") == 55.0
     assert math.isnan(objective_value({"top1_best": None}, "top1_best"))
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(teacher_root):
+    root = teacher_root
+    proc = run_train(root, "-m", *SMALL, "distiller=rld", "distiller.tau=0,2",
+                     "trainer.epochs=1", "tag=cli_failing")
+    assert "this grid point failed" in proc.stdout + proc.stderr
+    base = root / "sweeps/cli_failing/synthetic/tiny/rld"
+    statuses = {p.parent.parent.name.split(",")[1]: json.loads(p.read_text())["status"]
+                for p in base.rglob("metrics.json")}
+    assert statuses == {"tau=0": "failed", "tau=2": "completed"}
+    failed = next(base.glob("beta=8,tau=0,*")) / "seed=0" / "metrics.json"
+    assert "distiller.tau=0.0 is not allowed" in json.loads(failed.read_text())["message"]

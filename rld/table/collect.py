@@ -145,12 +145,13 @@ def load_run(run_dir: Path, cwd: str | None = None) -> dict:
         rec["epochs"] = rec["epochs_done"]
     if metrics is not None:
         st = str(m.get("status", "completed"))
-        if st == "diverged" or not (math.isfinite(rec["top1"]) and math.isfinite(rec["top1_best"])):
+        finite = math.isfinite(rec["top1"]) and math.isfinite(rec["top1_best"])
+        if st not in ("completed", "diverged"):
+            rec["status"] = "failed"  # an error stopped the run (or an unknown status)
+        elif st == "diverged" or not finite:
             rec["status"] = "diverged"
-        elif st == "completed":
-            rec["status"] = "completed"
         else:
-            rec["status"] = "failed"
+            rec["status"] = "completed"
     # every setting of the distiller, resolved (grid points and grouping use these)
     settings: dict[str, Any] = {}
     dist_cfg = cfg.get("distiller") if isinstance(cfg.get("distiller"), dict) else {}
