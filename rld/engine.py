@@ -11,6 +11,7 @@ directory resumes; a completed run returns its recorded result without training.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ import torch
 
 from rld import io
 from rld.data import DataError, build_loaders
+from rld.data import resolve_device as resolve_data_device
 from rld.distillers import Distiller, build_distiller
 from rld.models import CheckpointError, build_model, load_checkpoint
 from rld.reproduce import fingerprint, rng_state, seed_everything, set_rng_state, versions
@@ -49,9 +51,8 @@ class Diverged(RuntimeError):
 
 # --------------------------------------------------------------------------- setup
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """The data layer's resolution ("auto": CUDA when present), refusing absent CUDA."""
+    device = resolve_data_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r}: CUDA is not available here; use auto or cpu")
     return device
@@ -227,8 +228,8 @@ def train_epoch(s: Step, loader, epoch: int, epochs: int, progress: Progress) ->
         if progress.due():
             progress.show(epoch, epochs, step + 1, steps, sums[-2].item() / count)
     progress.end()
-    values = sums.tolist()  # the epoch's one host read
-    bad_step = int(first_bad)
+    *values, bad_step = torch.cat([sums, first_bad.to(sums.dtype).unsqueeze(0)]).tolist()
+    bad_step = int(bad_step)  # values and the first bad step: the epoch's one host read
     if bad_step > 0:
         raise Diverged(f"non-finite loss at epoch {epoch}, step {bad_step}")
     out = {f"loss_{name}": v / count for name, v in zip(terms, values)}
@@ -258,8 +259,6 @@ def _completed(run_dir: Path, fp: dict) -> dict | None:
     path = run_dir / METRICS
     if not path.exists():
         return None
-    import json
-
     metrics = json.loads(path.read_text())
     if metrics.get("status") == "failed":
         return None  # an error stopped it before: try again
@@ -440,8 +439,6 @@ def record_failure(cfg, run_dir: Path, message: str) -> None:
     replaced (the error may be about that very directory)."""
     path = Path(run_dir) / METRICS
     if path.exists():
-        import json
-
         try:
             if json.loads(path.read_text()).get("status") != "failed":
                 return
