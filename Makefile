@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo table lint slurm-test bench clean-venv
+.PHONY: install test demo table lint slurm-test bench dashboard clean-venv
 
 install: $(STAMP)
 
@@ -34,6 +34,16 @@ bench: install
 	$(BIN)/python -m rld.bench step
 	$(BIN)/python -m rld.bench data
 	$(BIN)/python -m rld.bench epoch
+
+# Optuna dashboard of a study: make dashboard [TAG=main] [PORT=8080] [HOST=127.0.0.1]
+# [DB=sweeps/$(TAG)/optuna.db] (the study of a sweep given another hydra.sweep.dir: DB=<dir>/optuna.db)
+TAG ?= main
+PORT ?= 8080
+HOST ?= 127.0.0.1
+DB ?= sweeps/$(TAG)/optuna.db
+dashboard: install
+	@test -f "$(DB)" || { echo "no study at $(DB): run an hparams=grid|tpe sweep with tag=$(TAG) first (or give DB=...)" >&2; exit 2; }
+	$(BIN)/optuna-dashboard "sqlite:///$(abspath $(DB))" --host $(HOST) --port $(PORT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -27,7 +27,7 @@ DEFAULT_CLASSES = {
 }
 CSV_COLUMNS = ["panel", "subject", "rank", "class_index", "class_name", "prob", "marked"]
 _HERE = Path(__file__).resolve().parent
-CONF_DIRS = (_HERE / "conf", _HERE.parent / "conf")  # packaged, or the source tree's
+CONF_DIR = _HERE.parent / "conf"  # the source tree's config groups
 
 
 class UsageError(Exception):
@@ -60,11 +60,10 @@ def dataset_config(name: str, data_root: str | None = None, overrides: list[str]
 
     from rld.config import DatasetConfig, PathsConfig
 
-    conf = next((d for d in CONF_DIRS if (d / "dataset").is_dir()), None)
-    preset = conf / "dataset" / f"{name}.yaml" if conf is not None else None
+    preset = CONF_DIR / "dataset" / f"{name}.yaml"
     try:
         dataset = OmegaConf.structured(DatasetConfig)
-        if preset is not None and preset.is_file():
+        if preset.is_file():
             values = OmegaConf.load(preset)
             values.pop("defaults", None)  # a Hydra defaults list, if the preset has one
             dataset = OmegaConf.merge(dataset, values)

@@ -15,8 +15,6 @@ from hydra.core.config_store import ConfigStore
 
 CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR_STD = (0.2675, 0.2565, 0.2761)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -32,6 +30,9 @@ class DatasetConfig:
     mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))
     std: list[float] = field(default_factory=lambda: list(CIFAR_STD))
     workers: int = 8  # DataLoader workers (imagenet only; CIFAR-sized sets live on the device)
+    # imagenet input path: auto (device on CUDA, pil on the CPU) | pil (DataLoader workers
+    # decode and augment) | device (workers read bytes; decode (nvjpeg) + crop on the device)
+    decoder: str = "auto"
     # synthetic only: sizes and the seed of the generated images
     train_size: int = 5000
     test_size: int = 1000
@@ -66,7 +67,7 @@ class PairConfig:
 class DistillerConfig:
     """Loss hyperparameters.  loss = ce_weight * CE + min(epoch / warmup, 1) * kd_weight * L."""
 
-    name: str = "rld"  # vanilla | kd | dkd | rld
+    name: str = "rld"  # vanilla | kd | dkd | rld | fitnet | ofd | reviewkd | crd
     alpha: float = 1.0  # weight of TCKD (dkd) / SCD (rld)
     beta: float = 8.0  # weight of NCKD (dkd) / MCD (rld)
     tau: float = 4.0
@@ -75,6 +76,13 @@ class DistillerConfig:
     ce_weight: float = 1.0
     kd_weight: float = 1.0  # weight of the distillation term (KD uses 0.9)
     standardize: bool = False  # logit standardisation (Sun et al., CVPR 2024)
+    hint_layer: int = 2  # fitnet: index of the hinted feature map (0 = stem, then stages)
+    student_preact: bool = False  # reviewkd: fuse the student's pre-ReLU maps (ImageNet: true)
+    feat_dim: int = 128  # crd: dimension of the embeddings of both pooled features
+    nce_k: int = 16384  # crd: negatives per sample, drawn from the other classes
+    nce_t: float = 0.07  # crd: temperature of the contrastive scores
+    nce_momentum: float = 0.5  # crd: momentum of the memory of each sample's embeddings
+    nce_replace: bool = False  # crd: negatives with replacement (else without, where possible)
 
 
 @dataclass
@@ -100,6 +108,7 @@ class TrainerConfig:
     resume: bool = True  # continue from checkpoints/last.pt of the run directory
     deterministic: bool = True  # deterministic algorithms where the device offers them
     log_every_s: float = 0.5  # progress bar refresh interval
+    tensorboard: bool = True  # TensorBoard event files in the run directory (tb/)
 
 
 @dataclass
@@ -142,34 +151,73 @@ def register_configs() -> None:
     register_resolvers()
 
 
-# Overrides that say where or how a run executes, not what it computes: left out of the
-# run directory's name (and of the run's fingerprint, see rld.engine.fingerprint).
-PLACEMENT_KEYS = ("dataset", "pair", "distiller", "role", "seed", "tag", "sweep", "hparams",
-                  "objective")
-PLACEMENT_PREFIXES = ("paths.", "hydra.", "hydra/", "hparams.", "teacher.", "trainer.device",
-                      "trainer.progress", "trainer.resume", "trainer.log_every_s",
-                      "trainer.compile", "trainer.channels_last", "dataset.root",
-                      "dataset.download", "dataset.workers", "distiller.beta", "distiller.tau")
+# Which DistillerConfig keys each distiller reads (one place: the tables group runs by these
+# and ignore the others), and the keys that name its grid point in a run directory's name.
+DISTILLER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "vanilla": (),
+    "kd": ("tau", "warmup", "ce_weight", "kd_weight", "standardize"),
+    "dkd": ("alpha", "beta", "tau", "warmup", "ce_weight", "kd_weight", "standardize"),
+    "rld": ("alpha", "beta", "tau", "scd_tau", "warmup", "ce_weight", "kd_weight",
+            "standardize"),
+    "fitnet": ("hint_layer", "warmup", "ce_weight", "kd_weight"),
+    "ofd": ("warmup", "ce_weight", "kd_weight"),
+    "reviewkd": ("student_preact", "warmup", "ce_weight", "kd_weight"),
+    "crd": ("feat_dim", "nce_k", "nce_t", "nce_momentum", "nce_replace", "warmup",
+            "ce_weight", "kd_weight"),
+}
+POINT_KEYS: dict[str, tuple[str, ...]] = {"kd": ("tau",), "dkd": ("beta", "tau"),
+                                          "rld": ("beta", "tau"), "fitnet": (), "ofd": (),
+                                          "reviewkd": (), "crd": ()}
+
+# Two key lists (an entry ending in "." or "/" is a prefix, any other entry an exact key):
+# NOT_IN_FINGERPRINT: keys that say where or how a run executes, not what it computes.  They
+# are left out of the run's fingerprint (rld.reproduce.fingerprint), so changing them never
+# refuses a resume or a recall, and out of its directory name.  The teacher is identified by
+# the content of its checkpoint instead of by `teacher.checkpoint`.
+NOT_IN_FINGERPRINT = ("paths.", "hydra.", "hydra/", "hparams", "hparams.", "teacher.", "tag",
+                      "objective", "sweep", "trainer.device", "trainer.progress",
+                      "trainer.resume", "trainer.log_every_s", "trainer.compile",
+                      "trainer.compile_mode", "trainer.channels_last", "trainer.tensorboard",
+                      "dataset.root", "dataset.download", "dataset.workers", "dataset.decoder")
+# SHOWN_BY_PATH: keys a run directory shows as folders (<dataset>/<pair>/<distiller>/...
+# seed=N); with NOT_IN_FINGERPRINT and the distiller's POINT_KEYS (shown resolved), they are
+# left out of the extra overrides listed in its name.
+SHOWN_BY_PATH = ("dataset", "pair", "distiller", "role", "seed")
+
+
+def unread_settings(distiller: str | None) -> tuple[str, ...]:
+    """`distiller.<key>` of every setting the distiller does not read (they change nothing:
+    left out of its fingerprint and directory name); none for an unknown distiller."""
+    if distiller not in DISTILLER_SETTINGS:
+        return ()
+    keys = set(DistillerConfig.__dataclass_fields__) - {"name"}
+    return tuple(f"distiller.{k}" for k in sorted(keys - set(DISTILLER_SETTINGS[distiller])))
+
+
+def key_in(key: str, entries: tuple[str, ...]) -> bool:
+    """Whether `key` is one of `entries` or starts with one of its prefixes."""
+    return any(key == e or (e[-1] in "./" and key.startswith(e)) for e in entries)
 
 
 def run_name(role: str, distiller: str, beta: float, tau: float, overrides) -> str:
     """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2,tau=3`.
 
-    The point names the distiller's beta/tau (as resolved, so defaults show too) followed by
-    every other command-line override that changes the result (`trainer.epochs=2`, ...).
+    The point names the distiller's POINT_KEYS (as resolved, so defaults show too) followed by
+    every other command-line override that changes the result (`trainer.epochs=2`, ...; not
+    the distiller settings it does not read).
     """
     if role == "teacher":
-        head, point = "teacher", []
-    elif distiller == "vanilla":
-        head, point = "vanilla", []
-    elif distiller == "kd":
-        head, point = "kd", [f"tau={float(tau):g}"]
+        head, keys = "teacher", ()
     else:
-        head, point = distiller, [f"beta={float(beta):g}", f"tau={float(tau):g}"]
+        head, keys = distiller, POINT_KEYS.get(distiller, ())
+    values = {"beta": beta, "tau": tau}
+    point = [f"{k}={float(values[k]):g}" for k in keys]
+    hidden = (SHOWN_BY_PATH + NOT_IN_FINGERPRINT + tuple(f"distiller.{k}" for k in keys)
+              + unread_settings(head))
     extras = []
     for item in overrides or ():
         key, _, value = str(item).lstrip("+~").partition("=")
-        if key in PLACEMENT_KEYS or key.startswith(PLACEMENT_PREFIXES):
+        if key_in(key, hidden):
             continue
         key = key.removeprefix("distiller.")
         extras.append(f"{key}={value.replace('/', '_')}")

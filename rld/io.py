@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -48,6 +50,16 @@ def _finite_or_none(obj: Any) -> Any:
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (NaN/inf become null), sorted keys, atomically."""
     write_text(path, json.dumps(_finite_or_none(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """A CSV with a header (`fields`, default the first row's keys), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields or (list(rows[0]) if rows else []),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def save_torch(path: Path, obj: Any) -> None:

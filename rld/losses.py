@@ -2,7 +2,8 @@
 
 Notation: z_s, z_t are the student's and teacher's logits [B, C], y the true classes [B],
 p = softmax(z / tau), KL(a || b) = sum_c a_c (log a_c - log b_c).  Every loss is a scalar,
-the mean over the batch, computed in float32 whatever the input dtype.  Log-probabilities
+the mean over the batch, computed in the wider of the student logits' dtype and float32
+(bf16/fp16 logits go up to float32, float64 stays float64).  Log-probabilities
 come from log-softmax / logsumexp (never log of a softmax), so values and gradients stay
 finite for logits up to |z| ~ 1e4.
 
@@ -32,8 +33,8 @@ from torch.autograd.function import once_differentiable
 # product 0 * (log a - log b) finite (no NaN in values or gradients).
 _MASKED = -1e9
 
-# The dtype every loss computes in (the tests switch it to float64 for gradcheck).
-_DTYPE = torch.float32
+# The narrowest dtype a loss computes in: lower precisions go up to it.
+_MIN_DTYPE = torch.float32
 
 
 def standardize_logits(z: Tensor) -> Tensor:
@@ -42,7 +43,8 @@ def standardize_logits(z: Tensor) -> Tensor:
 
 
 def _prepare(z_s: Tensor, z_t: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
-    z_s, z_t = z_s.to(_DTYPE), z_t.detach().to(_DTYPE)
+    dtype = torch.promote_types(z_s.dtype, _MIN_DTYPE)
+    z_s, z_t = z_s.to(dtype), z_t.detach().to(dtype)
     if standardize:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     return z_s, z_t

@@ -12,12 +12,16 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from rld.config import PLACEMENT_PREFIXES
+from rld.config import NOT_IN_FINGERPRINT, key_in, unread_settings
+
+TEACHER_KEY = "teacher.sha256"  # the fingerprint's entry for the teacher's identity
 
 
-def fingerprint(cfg) -> dict:
-    """The keys that decide a run's result (flattened), without placement keys."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+def fingerprint(cfg, teacher_sha256: str | None = None) -> dict:
+    """The keys that decide a run's result, flattened (`optim.lr`, ...), without those of
+    `NOT_IN_FINGERPRINT` and the distiller settings its distiller does not read
+    (`DISTILLER_SETTINGS`), plus the teacher's identity (the SHA-256 of its checkpoint) for
+    distillation runs."""
     flat: dict = {}
 
     def walk(prefix, node):
@@ -27,10 +31,43 @@ def fingerprint(cfg) -> dict:
         else:
             flat[prefix[:-1]] = node
 
-    walk("", {k: v for k, v in container.items() if k not in ("paths", "tag", "hparams",
-                                                               "teacher", "objective")})
-    return {k: v for k, v in flat.items() if not k.startswith(PLACEMENT_PREFIXES)
-            or k in ("distiller.beta", "distiller.tau")}
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    unread = unread_settings(flat.get("distiller.name"))
+    out = {k: v for k, v in flat.items() if not key_in(k, NOT_IN_FINGERPRINT + unread)}
+    if teacher_sha256 is not None:
+        out[TEACHER_KEY] = teacher_sha256
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, cached beside it in `<file>.sha256` (keyed by size and
+    modification time, so a replaced file is hashed again; an unwritable folder only costs
+    the hash)."""
+    import hashlib
+    import json
+
+    path = Path(path)
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = path.with_name(path.name + ".sha256")
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in stamp} == stamp:
+            return str(cached["sha256"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    try:
+        from rld.io import write_text
+
+        write_text(cache, json.dumps({**stamp, "sha256": value}) + "\n")
+    except OSError:
+        pass
+    return value
 
 
 def versions() -> dict:

@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        metrics = engine.run(cfg, run_dir)
+        record = engine.run(cfg, run_dir)
     except (ConfigError, engine.RunError) as e:
         if not multirun:
             print(f"rld.train: error: {e}", file=sys.stderr)
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> float:
         log.error("this grid point failed:\n%s", traceback.format_exc())
         engine.record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
         return float("nan")
-    return engine.objective_value(metrics, cfg.objective)
+    return record.objective(cfg.objective)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Each failure is a `ConfigError` whose message names the key, the value and what 
 
 from __future__ import annotations
 
+from rld.data.imagenet import DECODERS
 from rld.distillers import DISTILLERS
 
 
@@ -16,6 +17,7 @@ DATASETS = ("cifar100", "imagenet", "synthetic", "digits")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PROGRESS = ("auto", "bar", "line", "none")
 OBJECTIVES = ("top1_best", "top1", "top5")
+# torch.compile modes (trainer.compile_mode; the benchmarks' --compile-mode takes the same)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -35,6 +37,7 @@ def validate(cfg) -> None:
     d, t, o = cfg.distiller, cfg.trainer, cfg.optim
     _choice("dataset.name", cfg.dataset.name, DATASETS)
     _choice("dataset.family", cfg.dataset.family, sorted(MODELS))
+    _choice("dataset.decoder", cfg.dataset.decoder, DECODERS)
     _choice("distiller.name", d.name, DISTILLERS)
     _choice("role", cfg.role, ("student", "teacher"))
     if cfg.role == "teacher":
@@ -67,3 +70,6 @@ def validate(cfg) -> None:
         _require(arch in family, f"pair.{role}", arch,
                  f"dataset {cfg.dataset.name} takes {cfg.dataset.family} models: "
                  f"{', '.join(sorted(family))}")
+    from rld.feature_distillers import check_feature_pair
+
+    check_feature_pair(cfg)

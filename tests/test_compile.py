@@ -10,18 +10,18 @@ computes what an eager one does.
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 
 from rld.config import TrainerConfig
 from rld.distillers import build_distiller
-from rld.engine import COMPILE_MODES, build_step, evaluate, train_step
-from rld.validate import ConfigError
+from rld.bench.common import distiller_config
+from rld.loop import build_train_state, evaluate, train_step
+from rld.validate import COMPILE_MODES, ConfigError, validate
 
-RLD = dict(name="rld", alpha=1.0, beta=8.0, tau=4.0, scd_tau=4.0, warmup=5, ce_weight=1.0,
-           kd_weight=1.0, standardize=False)
+RLD = distiller_config("rld", warmup=5)
 CPU = torch.device("cpu")
 
 
@@ -61,7 +61,7 @@ def _net(arch: str = "", num_classes: int = 10, *args) -> torch.nn.Module:
 def _step(compile: bool, mode: str = "default"):
     torch.manual_seed(0)
     student, teacher = _net(), _net()
-    return build_step(student, teacher, build_distiller(SimpleNamespace(**RLD)), device=CPU,
+    return build_train_state(student, teacher, build_distiller(RLD), device=CPU,
                       dtype=torch.float32, channels_last=True, compile=compile, lr=0.05,
                       momentum=0.9, weight_decay=5e-4, compile_mode=mode)
 
@@ -88,10 +88,18 @@ def test_compiled_step_trains_like_eager(compiles):
     assert counters["stats"]["unique_graphs"] == 6
 
 
-def test_bad_compile_mode_is_rejected():
+def test_bad_compile_mode_is_rejected_by_the_config_check_and_the_benchmarks():
+    from hydra import compose, initialize_config_dir
+
+    from rld.config import register_configs
+
+    register_configs()
     assert TrainerConfig().compile_mode == "default" and "default" in COMPILE_MODES
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.compile_mode=fast"])
     with pytest.raises(ConfigError, match="trainer.compile_mode='fast'.*reduce-overhead"):
-        _step(False, "fast")
+        validate(cfg)
 
 
 def test_cuda_graph_steps_are_marked(monkeypatch):
@@ -101,7 +109,7 @@ def test_cuda_graph_steps_are_marked(monkeypatch):
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     _, _, logits = train_step(s, x, y, 1)
     assert len(marks) == 1 and not logits.requires_grad  # a copy, safe to keep
-    evaluate(s.student, [(x, y), (x, y)], s)
+    evaluate(s, [(x, y), (x, y)])
     assert len(marks) == 3  # and one per evaluation batch
 
 
@@ -117,5 +125,6 @@ def test_epoch_bench_compiles_nothing_while_timed(dynamo_only, monkeypatch, tmp_
     assert "compile reduce-overhead" in out
     assert "graphs compiled while timed: 0" in out  # 80 = 2 x 32 + 16: both shapes warmed
     assert (tmp_path / "e.csv").read_text().splitlines()[0].endswith(",warmup_s")
-    with pytest.raises(SystemExit, match="--compile-mode 'fast'"):
+    with pytest.raises(SystemExit):
         main(["--compile-mode", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

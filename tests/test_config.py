@@ -17,7 +17,7 @@ register_configs()
 PAIRS = sorted(p.stem for p in (CONF / "pair").glob("*.yaml"))
 IMAGENET_PAIRS = ["resnet34_resnet18", "resnet50_mobilenetv1"]
 CIFAR_PAIRS = [p for p in PAIRS if p not in IMAGENET_PAIRS]
-DISTILLERS = ["vanilla", "kd", "dkd", "rld"]
+DISTILLERS = ["vanilla", "kd", "dkd", "rld", "fitnet", "ofd", "reviewkd", "crd"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +83,7 @@ def test_cifar_recipe_and_official_defaults():
     assert dkd_beta["resnet56_resnet20"] == dkd_beta["resnet110_resnet20"] == 2.0
     assert dkd_beta["vgg13_vgg8"] == dkd_beta["wrn_40_2_wrn_40_1"] == 6.0
     assert dkd_beta["resnet32x4_resnet8x4"] == dkd_beta["resnet50_mobilenetv2"] == 8.0
+    assert dkd_beta["wrn_40_2_shufflev1"] == 8.0  # mdistiller's wrn40_2_shuv1.yaml sets none
 
 
 def test_teacher_checkpoint_default_follows_the_published_layout():

@@ -83,6 +83,8 @@ def test_slot_pool_never_shares_a_gpu(tmp_path):
 @pytest.mark.slow
 def test_gpus_launcher_runs_jobs_in_parallel_one_gpu_each(tmp_path):
     """4 jobs, 4 faked GPUs: all run at the same time, each sees its own device."""
+    from omegaconf import OmegaConf
+
     env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "RLD_GPU_SLOT_DIR": str(tmp_path / "slots")}
     t0 = time.time()
     cli(tmp_path, "-m", *TINY, "distiller=vanilla", "hydra/launcher=gpus", "seed=0,1,2,3",
@@ -90,17 +92,81 @@ def test_gpus_launcher_runs_jobs_in_parallel_one_gpu_each(tmp_path):
     elapsed = time.time() - t0
     runs = sorted((tmp_path / "sweeps/gpus").rglob("metrics.json"))
     assert len(runs) == 4, runs
-    devices, spans = [], []
+    devices, spans, jobs = [], [], []
     for m in runs:
         metrics = json.loads(m.read_text())
         assert metrics["status"] == "completed"
         devices.append(metrics["cuda_visible_devices"])
         start = (m.parent / ".hydra" / "config.yaml").stat().st_mtime  # written at job start
         spans.append((start, m.stat().st_mtime))
+        job = OmegaConf.load(m.parent / ".hydra" / "hydra.yaml").hydra.job
+        jobs.append((job.num, job.id))
     assert sorted(devices) == ["0", "1", "2", "3"]
+    # each job got its number and id, as Hydra's own launchers give them
+    assert sorted(jobs) == [(i, f"train_{i}") for i in range(4)], jobs
     # in parallel: every job started before any job finished
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans
     print(f"gpus launcher, 4 jobs: {elapsed:.1f}s")
+
+
+# ------------------------------------------------------------------------ submitit_local
+def test_submitit_local_pool_and_waves(monkeypatch, tmp_path):
+    """The sweeper's visible GPUs make the pool (not submitit's 0..n-1); a batch larger than
+    the pool runs in waves of one job per GPU, job numbers continuing across waves."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setenv("RLD_GPU_SLOT_DIR", str(tmp_path))  # the gpus launcher's slots
+    pool = _gpus.local_pool(1)
+    assert pool.devices == ("2", "3") and pool.jobs_per_gpu == 1
+    assert pool.slot_dir == str(tmp_path)
+    assert _gpus.local_pool(0) is None  # CPU jobs: no pool
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert _gpus.local_pool(1) is None  # no GPU: CPU jobs (with a warning)
+
+    calls = []
+
+    def submit(overrides, idx):
+        calls.append((overrides, idx))
+        return [f"ret{idx + k}" for k in range(len(overrides))]
+
+    jobs = [[f"seed={i}"] for i in range(5)]
+    assert _gpus.launch_in_waves(submit, pool, jobs, 10) == [f"ret{i}" for i in range(10, 15)]
+    assert calls == [(jobs[0:2], 10), (jobs[2:4], 12), (jobs[4:5], 14)]
+    calls.clear()
+    _gpus.launch_in_waves(submit, None, jobs, 0)
+    assert calls == [(jobs, 0)]
+
+
+def test_submitit_local_launcher_config(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.rld_plugins.slurm_launcher import RldLocalLauncher
+
+    cfg = compose("hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=1")
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_").endswith("RldLocalLauncher")
+    launcher = RldLocalLauncher(**params)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,5")
+    assert launcher.parallelism == 3
+    with pytest.raises(ValueError, match="hydra.launcher.gpus_per_node.*0 \\(CPU\\) or 1"):
+        RldLocalLauncher(**{**params, "gpus_per_node": 2})
+
+
+@pytest.mark.slow
+def test_submitit_local_jobs_get_a_gpu_each(tmp_path):
+    """3 jobs, 2 faked GPUs (2 and 3, which submitit alone would turn into 0 for every job):
+    two jobs at a time, each on its own GPU, the third after the first two."""
+    env = {"CUDA_VISIBLE_DEVICES": "2,3", "RLD_GPU_SLOT_DIR": str(tmp_path / "slots")}
+    cli(tmp_path, "-m", *TINY, "distiller=vanilla", "hydra/launcher=submitit_local",
+        "hydra.launcher.gpus_per_node=1", "seed=0,1,2", "tag=local", env=env)
+    runs = {}
+    for m in (tmp_path / "sweeps/local").rglob("metrics.json"):
+        metrics = json.loads(m.read_text())
+        assert metrics["status"] == "completed"
+        start = (m.parent / ".hydra" / "config.yaml").stat().st_mtime
+        runs[metrics["seed"]] = (metrics["cuda_visible_devices"], start, m.stat().st_mtime)
+    assert sorted(runs) == [0, 1, 2]
+    assert sorted(runs[s][0] for s in (0, 1)) == ["2", "3"] and runs[2][0] in ("2", "3")
+    assert runs[2][1] > max(runs[0][2], runs[1][2])  # second wave
 
 
 # ------------------------------------------------------------------------ configs

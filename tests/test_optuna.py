@@ -76,8 +76,7 @@ def test_grid_preset_follows_the_dataset_grid():
     params = OmegaConf.to_container(sweeper.params, resolve=True)
     assert params == {"distiller.beta": [2.0, 4.0, 8.0, 16.0],
                       "distiller.tau": [2.0, 3.0, 4.0, 5.0]}
-    assert sweeper.storage.startswith("sqlite:///") and sweeper.storage.endswith(
-        "sweeps/main/optuna.db")
+    assert sweeper.storage is None  # the sweeper's default: <hydra.sweep.dir>/optuna.db
     assert "cifar100" in sweeper.study_name and "resnet32x4_resnet8x4" in sweeper.study_name
 
     cfg = compose("hparams=grid", "dataset=imagenet", "pair=resnet34_resnet18")
@@ -110,9 +109,24 @@ def test_list_params_become_choices():
                                                    "c=range(3)"]
 
 
+def test_run_status_reads_the_run_record(tmp_path, caplog):
+    """A NaN objective is a 'diverged' trial only when the run's record says so."""
+    import json
+
+    from hydra_plugins.rld_plugins._sweeper import run_status
+
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"status": "diverged", "dataset": "synthetic", "beta": 2.0}))
+    assert run_status(str(tmp_path)) == "diverged"
+    assert run_status(str(tmp_path / "absent")) is None and run_status(None) is None
+    record.write_text('{"status": "compl')  # cut short
+    assert run_status(str(tmp_path)) is None
+    assert "metrics.json is not valid JSON" in caplog.text
+
+
 # ------------------------------------------------------------------------ the guard
 def test_guard_claims_are_exclusive_and_dead_sweepers_release(tmp_path):
-    from hydra_plugins.rld_plugins._sweeper import Guard
+    from hydra_plugins.rld_plugins._guard import Guard
 
     url = f"sqlite:///{tmp_path}/g.db"
     a = Guard(url, "s", heartbeat_s=60, stale_after_s=600)
@@ -192,6 +206,22 @@ def test_diverged_trial_fails_and_the_grid_goes_on(teacher_root):
     assert study.best_params == {"distiller.beta": 2, "distiller.tau": 4}
     cli(root, *args)
     assert len(study_of(root, tag).trials) == 2
+
+
+@pytest.mark.slow
+def test_study_follows_a_custom_sweep_dir(teacher_root):
+    """hydra.sweep.dir elsewhere: the study is written beside the runs, not in sweeps/."""
+    import optuna
+
+    root, tag = teacher_root, "elsewhere"
+    sweep_dir = root / "custom" / "grid"
+    cli(root, "-m", *TINY, "hparams=grid", "hparams.beta=[2]", "hparams.tau=[4]",
+        f"tag={tag}", f"hydra.sweep.dir={sweep_dir}")
+    assert not (root / "sweeps" / tag).exists()
+    assert len(list(sweep_dir.rglob("metrics.json"))) == 1
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{sweep_dir}/optuna.db")
+    assert summary.n_trials == 1 and summary.best_trial.params == {"distiller.beta": 2,
+                                                                   "distiller.tau": 4}
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -15,9 +16,43 @@ from pathlib import Path
 import pytest
 import yaml
 
+import rld.table.runs as table_runs
 from rld import table
+from rld.config import DISTILLER_SETTINGS, POINT_KEYS, DistillerConfig
+from rld.record import RECORD, SETTING_KEYS, RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillerConfig) if f.name != "name"}
+
+
+def write_config(d: Path, *, dataset: str, pair: str, teacher: str, student: str, role: str,
+                 distiller: str, seed: int, epochs: int | None, **settings) -> None:
+    """.hydra/config.yaml as Hydra saves it: interpolations unresolved."""
+    (d / ".hydra").mkdir(parents=True)
+    dist = {"name": distiller, **DEFAULTS, **settings}
+    cfg = {
+        "dataset": {"name": dataset, "epochs": 240, "batch_size": 64},
+        "pair": {"name": pair, "teacher": teacher, "student": student,
+                 "lr": {"student": 0.05, "teacher": 0.05}, "loss_defaults": {}},
+        "distiller": dist,
+        "trainer": {"epochs": "${dataset.epochs}" if epochs is None else epochs,
+                    "device": "auto"},
+        "optim": {"lr": "${pair.lr.${role}}", "momentum": 0.9},
+        "role": role, "seed": seed, "tag": "t",
+    }  # fmt: skip
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (d / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+
+
+def save_record(rec: RunRecord, d: Path, fast: bool = False) -> None:
+    """The record as the engine writes it (RunRecord.write); `fast` writes the same JSON
+    layout without the engine's fsync, for trees of thousands of runs."""
+    if not fast:
+        rec.write(d)
+        return
+    data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in rec.to_json().items()}  # fmt: skip
+    (d / RECORD).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_run(
@@ -30,64 +65,41 @@ def write_run(
     student: str = "vgg8",
     role: str = "student",
     distiller: str = "vanilla",
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    tau: float = 4.0,
     seed: int = 0,
     epochs: int | None = None,
     top1_best: float | None = 70.0,
     top1: float | None = None,
     status: str = "completed",
     teacher_top1: float | None = None,
-    metrics: bool = True,
+    record: bool = True,
+    fast: bool = False,
+    **settings,
 ) -> Path:
-    """A run directory as the engine leaves it: .hydra/config.yaml (with the unresolved
-    interpolations Hydra saves) and, unless ``metrics=False``, metrics.json."""
+    """A run directory as the engine leaves it: .hydra/config.yaml and, unless
+    ``record=False`` (an older version, or killed before the engine wrote it), its record.
+    `settings` are DistillerConfig keys (scd_tau follows tau unless given)."""
     d = root / rel
-    (d / ".hydra").mkdir(parents=True)
-    cfg = {
-        "dataset": {"name": dataset, "epochs": 240, "batch_size": 64},
-        "pair": {"name": pair, "teacher": teacher, "student": student,
-                 "student_lr": 0.05, "teacher_lr": 0.05},
-        "distiller": {"name": distiller, "alpha": alpha, "beta": beta, "tau": tau,
-                      "scd_tau": "${distiller.tau}", "warmup": 20, "ce_weight": 1.0,
-                      "kd_weight": 1.0, "standardize": False},
-        "trainer": {"epochs": "${dataset.epochs}" if epochs is None else epochs,
-                    "device": "auto"},
-        "optim": {"lr": "${pair.${role}_lr}", "momentum": 0.9},
-        "role": role,
-        "seed": seed,
-        "tag": rel.split("/")[0],
-    }  # fmt: skip
-    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (d / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    write_config(d, dataset=dataset, pair=pair, teacher=teacher, student=student, role=role,
+                 distiller=distiller, seed=seed, epochs=epochs, **settings)  # fmt: skip
     (d / "checkpoints").mkdir()
-    if metrics:
-        t1b = top1_best
-        m = {
-            "status": status,
-            "top1": (t1b - 0.3 if t1b is not None else None) if top1 is None else top1,
-            "top1_best": t1b,
-            "top5": 90.0,
-            "epochs": epochs or 240,
-            "wall_s": 12.5,
-            "dataset": dataset,
-            "pair": pair,
-            "role": role,
-            "teacher": None if role == "teacher" else teacher,
-            "student": teacher if role == "teacher" else student,
-            "distiller": distiller,
-            "alpha": alpha,
-            "beta": beta,
-            "tau": tau,
-            "scd_tau": tau,
-            "standardize": False,
-            "warmup": 20,
-            "ce_weight": 1.0,
-            "seed": seed,
-            "teacher_top1": teacher_top1,
-        }
-        (d / "metrics.json").write_text(json.dumps(m))
+    if record:
+        resolved = {**DEFAULTS, **settings}
+        resolved.setdefault("scd_tau", resolved["tau"])
+        if resolved["scd_tau"] == "${distiller.tau}":
+            resolved["scd_tau"] = resolved["tau"]
+        done = status in ("completed", "diverged")
+        t1b = top1_best if status != "running" else None
+        rec = RunRecord(
+            dataset=dataset, pair=pair, role=role,
+            student=teacher if role == "teacher" else student,
+            teacher=None if distiller == "vanilla" else teacher, distiller=distiller,
+            settings={k: resolved[k] for k in SETTING_KEYS}, seed=seed,
+            epochs=epochs or 240, status=status,
+            top1=(t1b - 0.3 if t1b is not None else None) if top1 is None else top1,
+            top1_best=t1b, top5=90.0 if done else None, epochs_done=(epochs or 240) if done else 1,
+            wall_s=12.5, teacher_top1=teacher_top1,
+        )  # fmt: skip
+        save_record(rec, d, fast)
     return d
 
 
@@ -104,35 +116,37 @@ def tree(tmp_path: Path) -> Path:
         write_run(s, f"{c}/vanilla/seed={seed}", seed=seed, top1_best=v)
     # KD over tau only (alpha/beta differ between runs but mean nothing for KD)
     for seed, (t2, t4) in enumerate([(72.0, 73.5), (73.0, 74.5)]):
-        write_run(s, f"{c}/kd/tau=2/seed={seed}", distiller="kd", tau=2, beta=seed + 1, seed=seed,
-                  top1_best=t2, teacher_top1=74.6)  # fmt: skip
-        write_run(s, f"{c}/kd/tau=4/seed={seed}", distiller="kd", tau=4, beta=seed + 5, seed=seed,
-                  top1_best=t4, teacher_top1=74.6)  # fmt: skip
+        write_run(s, f"{c}/kd/tau=2/seed={seed}", distiller="kd", tau=2.0, beta=seed + 1.0,
+                  seed=seed, top1_best=t2, teacher_top1=74.6)  # fmt: skip
+        write_run(s, f"{c}/kd/tau=4/seed={seed}", distiller="kd", tau=4.0, beta=seed + 5.0,
+                  seed=seed, top1_best=t4, teacher_top1=74.6)  # fmt: skip
     # DKD: a single point, one seed
-    write_run(s, f"{c}/dkd/seed=0", distiller="dkd", beta=8, tau=4, top1_best=74.0)
+    write_run(s, f"{c}/dkd/seed=0", distiller="dkd", beta=8.0, tau=4.0, top1_best=74.0)
     # RLD grid beta {1,2} x tau {2,4}; (2,4) never run
     rld = dict(distiller="rld", teacher_top1=74.6)
-    write_run(s, f"{c}/rld/beta=1,tau=2/seed=0", beta=1, tau=2, seed=0, top1_best=74.0, **rld)
-    # ... its second seed comes from another sweep folder: pooled
-    write_run(s, "b/cifar100/vgg13_vgg8/rld/beta=1,tau=2/seed=1", beta=1, tau=2, seed=1,
-              top1_best=75.0, **rld)  # fmt: skip
-    # ... a third seed still running: incomplete
-    write_run(s, f"{c}/rld/beta=1,tau=2/seed=2", beta=1, tau=2, seed=2, metrics=False, **rld)
-    # (1,4): both seeds diverged (status, or NaN accuracies)
-    write_run(s, f"{c}/rld/beta=1,tau=4/seed=0", beta=1, tau=4, seed=0, top1_best=None,
-              status="diverged", **rld)  # fmt: skip
-    write_run(s, f"{c}/rld/beta=1,tau=4/seed=1", beta=1, tau=4, seed=1, top1_best=float("nan"),
+    write_run(s, f"{c}/rld/beta=1,tau=2/seed=0", beta=1.0, tau=2.0, seed=0, top1_best=74.0,
               **rld)  # fmt: skip
+    # ... its second seed comes from another sweep folder: pooled
+    write_run(s, "b/cifar100/vgg13_vgg8/rld/beta=1,tau=2/seed=1", beta=1.0, tau=2.0, seed=1,
+              top1_best=75.0, **rld)  # fmt: skip
+    # ... a third seed still running (the engine's record at the start): incomplete
+    write_run(s, f"{c}/rld/beta=1,tau=2/seed=2", beta=1.0, tau=2.0, seed=2, status="running",
+              **rld)  # fmt: skip
+    # (1,4): both seeds diverged (status, or NaN accuracies)
+    write_run(s, f"{c}/rld/beta=1,tau=4/seed=0", beta=1.0, tau=4.0, seed=0, top1_best=None,
+              status="diverged", **rld)  # fmt: skip
+    write_run(s, f"{c}/rld/beta=1,tau=4/seed=1", beta=1.0, tau=4.0, seed=1,
+              top1_best=float("nan"), **rld)  # fmt: skip
     # (2,2): 75, 76, 77 -> 76.00 +- 1.00 (n=3), the best point
     for seed, v in [(0, 75.0), (1, 76.0), (2, 77.0)]:
-        write_run(s, f"{c}/rld/beta=2,tau=2/seed={seed}", beta=2, tau=2, seed=seed, top1_best=v,
-                  **rld)  # fmt: skip
+        write_run(s, f"{c}/rld/beta=2,tau=2/seed={seed}", beta=2.0, tau=2.0, seed=seed,
+                  top1_best=v, **rld)  # fmt: skip
     # ... seed 2 again in sweep b: a duplicate (a/ sorts first and is kept)
-    write_run(s, "b/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2", beta=2, tau=2, seed=2,
+    write_run(s, "b/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2", beta=2.0, tau=2.0, seed=2,
               top1_best=99.0, **rld)  # fmt: skip
     # ... and a short 10-epoch run of the same point: other epochs, never averaged in
-    write_run(s, "short/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=0", beta=2, tau=2, seed=0,
-              epochs=10, top1_best=20.0, **rld)  # fmt: skip
+    write_run(s, "short/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=0", beta=2.0, tau=2.0,
+              seed=0, epochs=10, top1_best=20.0, **rld)  # fmt: skip
     # another pair without teacher runs: teacher column from teacher_top1; epochs tie 5 vs 10
     p2 = dict(pair="resnet32x4_resnet8x4", teacher="resnet32x4", student="resnet8x4")
     write_run(s, "a/cifar100/r32x4/kd/e5", distiller="kd", epochs=5, top1_best=60.0,
@@ -141,8 +155,8 @@ def tree(tmp_path: Path) -> Path:
               teacher_top1=79.3, **p2)  # fmt: skip
     # a pair that is not in the paper, on a data set that is not either
     tiny = dict(dataset="digits", pair="tiny", teacher="resnet20", student="resnet8")
-    for b, v in [(1, 90.0), (2, 91.0)]:
-        write_run(s, f"a/digits/tiny/rld/beta={b}/seed=0", distiller="rld", beta=b, tau=4,
+    for b, v in [(1.0, 90.0), (2.0, 91.0)]:
+        write_run(s, f"a/digits/tiny/rld/beta={b:g}/seed=0", distiller="rld", beta=b, tau=4.0,
                   top1_best=v, teacher_top1=95.0, **tiny)  # fmt: skip
     # sweep-level files that are not runs
     (s / "a" / "multirun.yaml").write_text("hydra: {}\n")
@@ -160,26 +174,36 @@ def _row(t, pair):
     return row
 
 
+def _group(t, unit):
+    (g,) = [g for g in t.groups if g.unit == unit]
+    return g
+
+
 def test_collect_runs_statuses_duplicates_and_paths(tree: Path):
     runs, _ = _tables(tree)
     assert len(runs) == 24
-    assert [r["path"] for r in runs] == sorted(r["path"] for r in runs)
-    assert all(not os.path.isabs(r["path"]) and r["path"].startswith("sweeps") for r in runs)
-    by_path = {r["path"]: r for r in runs}
+    assert [r.path for r in runs] == sorted(r.path for r in runs)
+    assert all(not os.path.isabs(r.path) and r.path.startswith("sweeps") for r in runs)
+    by_path = {r.path: r for r in runs}
+    # a record that says "running" is incomplete, without numbers
     inc = by_path["sweeps/a/cifar100/vgg13_vgg8/rld/beta=1,tau=2/seed=2"]
-    assert inc["status"] == "incomplete" and math.isnan(inc["top1_best"])
-    assert by_path["sweeps/a/cifar100/vgg13_vgg8/rld/beta=1,tau=4/seed=1"]["status"] == "diverged"
+    assert inc.status == "incomplete" and math.isnan(inc.top1_best) and inc.epochs == 240
+    assert by_path["sweeps/a/cifar100/vgg13_vgg8/rld/beta=1,tau=4/seed=1"].status == "diverged"
     dup = by_path["sweeps/b/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2"]
-    assert dup["duplicate_of"] == "sweeps/a/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2"
-    assert sum(1 for r in runs if r["duplicate_of"]) == 1
-    # interpolations of the saved config are resolved without OmegaConf
+    assert dup.duplicate_of == "sweeps/a/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=2"
+    assert sum(1 for r in runs if r.duplicate_of) == 1
     short = by_path["sweeps/short/cifar100/vgg13_vgg8/rld/beta=2,tau=2/seed=0"]
-    assert short["epochs"] == 10 and short["scd_tau"] == 2.0
-    assert by_path["sweeps/a/cifar100/vgg13_vgg8/vanilla/seed=0"]["epochs"] == 240
+    assert short.epochs == 10 and short.settings["scd_tau"] == 2.0
+    assert dict(short.point)["scd_tau"] == "tau"  # at its default: follows tau
+    assert by_path["sweeps/a/cifar100/vgg13_vgg8/vanilla/seed=0"].epochs == 240
     teach = by_path["sweeps/a/cifar100/vgg13_vgg8/teacher/seed=0"]
-    assert teach["arch"] == "vgg13" and teach["role"] == "teacher"
+    assert teach.arch == "vgg13" and teach.role == "teacher" and teach.unit == ("teacher", "vgg13")
+    # KD's point holds only what KD reads (rld.config.DISTILLER_SETTINGS), not beta
+    kd = by_path["sweeps/a/cifar100/vgg13_vgg8/kd/tau=2/seed=0"]
+    assert [k for k, _ in kd.point] == sorted(DISTILLER_SETTINGS["kd"])
     df = table.runs_frame(runs)
-    assert list(df.columns) == table.RUN_COLUMNS and len(df) == 24
+    assert list(df.columns) == list(table.RUN_COLUMNS) and len(df) == 24
+    assert set(SETTING_KEYS) <= set(table.RUN_COLUMNS)  # a new setting is a new column
 
 
 def test_table_numbers(tree: Path):
@@ -188,9 +212,10 @@ def test_table_numbers(tree: Path):
     t = tables["cifar100"]
     # paper order: resnet32x4/resnet8x4 is row 1 of paper_results.csv, vgg13/vgg8 row 2
     assert [r.pair for r in t.rows] == ["resnet32x4_resnet8x4", "vgg13_vgg8"]
+    assert t.methods == ["teacher", "student", "kd", "dkd", "rld"]
     row = _row(t, "vgg13_vgg8")
     c = row.cells
-    assert row.teacher_source == "runs"
+    assert (row.teacher, row.student, row.teacher_source) == ("vgg13", "vgg8", "runs")
     assert c["teacher"].text == "74.50 ± 0.71 (n=2)" and c["teacher"].paper == 74.64
     assert c["student"].text == "71.00 ± 1.00 (n=3)"
     assert c["student"].paper_text() == "70.36 (Δ +0.64)"
@@ -212,29 +237,35 @@ def test_table_numbers(tree: Path):
     assert "1 duplicates ignored, 2 left out for other epochs" in notes
     assert "vgg13_vgg8 RLD: 3 grid points run; 1 missing; 1 point without a finished run" in notes
     assert "2 diverged runs; 1 incomplete run; epochs=240 used, left out 1 at epochs=10" in notes
+    assert "1 duplicate ignored." in notes
     assert "resnet32x4_resnet8x4 KD: epochs=10 used, left out 1 at epochs=5." in notes
     assert "† the evaluated accuracy of the loaded teacher checkpoint" in notes
+    assert "Unreadable" not in notes
     # digits: no paper values at all -> no paper columns; pair not in the paper still listed
     d = tables["digits"]
     assert not d.has_paper and [r.pair for r in d.rows] == ["tiny"]
+    assert "paper (Δ)" not in "\n".join(d.notes) and "paper (Δ)" in notes
     assert _row(d, "tiny").cells["rld"].ours() == "91.00 (n=1) @ β=2, τ=4"
 
 
 def test_grid_cells(tree: Path):
     _, tables = _tables(tree)
-    (g,) = [g for g in tables["cifar100"].groups if g.unit == ("rld", "vgg13_vgg8")]
+    g = _group(tables["cifar100"], ("rld", "vgg13_vgg8"))
     (grid,) = g.grids
-    assert grid.betas == [1.0, 2.0] and grid.taus == [2.0, 4.0]
+    assert grid.axes == ("beta", "tau") and grid.values == ([1.0, 2.0], [2.0, 4.0])
     assert grid.best == (2.0, 2.0) and grid.n_missing == 1 and grid.n_failed_points == 1
-    assert table._cell_text(grid, (1.0, 2.0)) == "74.50 ± 0.71 (n=2) [+1 incomplete]"
-    assert table._cell_text(grid, (1.0, 4.0)) == "2 diverged"
-    assert table._cell_text(grid, (2.0, 4.0)) == "missing"
-    md = table.grid_markdown(grid, g, "top1_best")
+    assert table.cell_text(grid, 1.0, 2.0) == "74.50 ± 0.71 (n=2) [+1 incomplete]"
+    assert table.cell_text(grid, 1.0, 4.0) == "2 diverged"
+    assert table.cell_text(grid, 2.0, 4.0) == "missing"
+    md = table.grid_markdown(grid, "top1_best")
     assert "| β \\ τ |" in md and "**76.00 ± 1.00 (n=3)** (best)" in md
     assert "4 cells: 3 run, 1 missing, 1 without a finished run" in md
-    # KD's grid is over tau alone, even though its runs carry different betas
-    (kd,) = [g for g in tables["cifar100"].groups if g.unit == ("kd", "vgg13_vgg8")]
-    assert len(kd.points) == 2 and kd.grids[0].betas == [None]
+    assert "1 runs with epochs other than 240 left out" in md
+    # KD's grid is over tau alone (one row), even though its runs carry different betas
+    kd = _group(tables["cifar100"], ("kd", "vgg13_vgg8"))
+    (kg,) = kd.grids
+    assert len(kd.points) == 2 and kg.axes == ("tau",) and kg.rows == [None]
+    assert kg.best == (4.0,) and "| τ " in table.grid_markdown(kg, "top1_best")
 
 
 def test_metric_last_epoch(tree: Path):
@@ -245,7 +276,8 @@ def test_metric_last_epoch(tree: Path):
 
 
 def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, "-m", "rld.table", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
@@ -322,27 +354,28 @@ def test_latex_shape(tree: Path):
     assert "\\begin{tabular}{lccccc}" in dtex
 
 
-def test_heatmap_png(tree: Path):
+def _red_pixels(path: Path) -> int:
     from PIL import Image
 
-    _, tables = _tables(tree)
-    (g,) = [g for g in tables["cifar100"].groups if g.unit == ("rld", "vgg13_vgg8")]
-    out = tree / "h.png"
-    table.grid_png(g.grids[0], g, "top1_best", out)
-    with Image.open(out) as im:
+    with Image.open(path) as im:
         im.load()
-        assert im.format == "PNG"
+        assert im.format == "PNG" and "Software" not in im.info
         w, h = im.size
         assert 300 <= w <= 2000 and 200 <= h <= 1600
-        assert "Software" not in im.info
-        # the best cell's red frame is drawn
         px = im.convert("RGB").tobytes()
-        red = sum(
-            1
-            for i in range(0, len(px), 3)
-            if px[i] > 200 and px[i + 1] < 60 and px[i + 2] < 60
-        )
-        assert red > 50
+    return sum(1 for i in range(0, len(px), 3)
+               if px[i] > 200 and px[i + 1] < 60 and px[i + 2] < 60)  # fmt: skip
+
+
+def test_heatmap_png(tree: Path):
+    _, tables = _tables(tree)
+    g = _group(tables["cifar100"], ("rld", "vgg13_vgg8"))
+    table.grid_png(g.grids[0], "top1_best", tree / "h.png")
+    assert _red_pixels(tree / "h.png") > 50  # the best cell's red frame is drawn
+    # a one-setting grid (KD over tau) is a one-row heatmap, best framed too
+    kd = _group(tables["cifar100"], ("kd", "vgg13_vgg8"))
+    table.grid_png(kd.grids[0], "top1_best", tree / "k.png")
+    assert _red_pixels(tree / "k.png") > 50
 
 
 def test_cli_errors_and_empty(tmp_path: Path):
@@ -360,8 +393,9 @@ def test_many_runs_fast(tmp_path: Path):
     for b in range(10):
         for t in range(10):
             for seed in range(12):
-                write_run(s, f"big/rld/b{b}_t{t}/s{seed}", distiller="rld", beta=b + 1, tau=t + 1,
-                          seed=seed, top1_best=70 + b * 0.1 + t * 0.01 + seed * 0.001)  # fmt: skip
+                write_run(s, f"big/rld/b{b}_t{t}/s{seed}", distiller="rld", beta=b + 1.0,
+                          tau=t + 1.0, seed=seed, top1_best=70 + b * 0.1 + t * 0.01 + seed * 0.001,
+                          fast=True)  # fmt: skip
                 n += 1
     t0 = time.process_time()  # CPU time: robust to a busy machine
     runs = table.collect_runs([s], cwd=str(tmp_path))
@@ -371,53 +405,93 @@ def test_many_runs_fast(tmp_path: Path):
     (t,) = tables
     c = _row(t, "vgg13_vgg8").cells["rld"]
     assert c.n == 12 and c.point == "β=10, τ=10"
-    assert elapsed < 15, elapsed
+    # README: 3,000 run directories in about 4 s; 1,200 at that rate take 1.6 s
+    assert elapsed < 5, elapsed
 
 
-def _set_metrics(run_dir: Path, **values) -> None:
-    """Keep metrics.json in step with an edited config, as the engine writes both."""
-    path = run_dir / "metrics.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+def test_a_record_is_read_without_the_config(tmp_path: Path, monkeypatch):
+    """A directory with a record never needs its saved config (nor OmegaConf)."""
+    d = write_run(tmp_path / "sweeps", "kd", distiller="kd", tau=4.0, top1_best=70.0)
+    (d / ".hydra" / "config.yaml").write_text("tau: [unclosed\n")
 
+    def fail(run_dir):
+        raise AssertionError(f"config read for {run_dir}")
 
-def test_metrics_values_win_over_unresolved_config(tmp_path: Path):
-    """The saved config keeps interpolations such as oc.select; metrics.json is resolved."""
-    d = write_run(tmp_path / "sweeps", "kd", distiller="kd", tau=4, top1_best=70.0)
-    cfg_path = d / ".hydra" / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["distiller"]["tau"] = "${oc.select:pair.loss_defaults.kd.tau,4.0}"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(table_runs, "read_saved_config", fail)
     (run,) = table.collect_runs([tmp_path / "sweeps"], cwd=str(tmp_path))
-    assert run["tau"] == 4.0 and run["_settings"]["tau"] == 4.0
+    assert run.status == "completed" and run.settings["tau"] == 4.0 and run.top1_best == 70.0
+
+
+def test_old_layout_without_record_is_incomplete(tmp_path: Path):
+    """A run directory with only .hydra/config.yaml (killed before the engine wrote its
+    record, or an older version): incomplete, described by its config or its path."""
+    s = tmp_path / "sweeps"
+    d = write_run(s, "t/cifar100/vgg13_vgg8/kd/tau=4/seed=3", distiller="kd", seed=3,
+                  record=False, tau="${oc.select:pair.loss_defaults.kd.tau,4.0}")  # fmt: skip
+    # a config naming a resolver only Hydra's process knows: the rest still resolves
+    d2 = write_run(s, "t/cifar100/vgg13_vgg8/rld/beta=2,tau=4/seed=0", distiller="rld",
+                   record=False, beta=2.0, kd_weight="${hydra:runtime.num}")  # fmt: skip
+    # a config that is not even YAML: what the path says
+    d3 = write_run(s, "t/digits/tiny/dkd/beta=1,tau=4/seed=5", record=False)
+    (d3 / ".hydra" / "config.yaml").write_text("{ not: yaml: at all\n")
+    runs = {r.path: r for r in table.collect_runs([s], cwd=str(tmp_path))}
+    kd = runs[str(d.relative_to(tmp_path))]
+    assert (kd.status, kd.dataset, kd.pair, kd.distiller, kd.seed) == (
+        "incomplete", "cifar100", "vgg13_vgg8", "kd", 3)
+    assert kd.settings["tau"] == 4.0 and kd.epochs == 240 and kd.student == "vgg8"
+    rld = runs[str(d2.relative_to(tmp_path))]
+    assert (rld.status, rld.distiller, rld.settings["beta"], rld.epochs) == (
+        "incomplete", "rld", 2.0, 240)
+    assert rld.settings["kd_weight"] == "${hydra:runtime.num}"  # as written
+    bad = runs[str(d3.relative_to(tmp_path))]
+    assert (bad.status, bad.dataset, bad.pair, bad.distiller, bad.seed) == (
+        "incomplete", "digits", "tiny", "dkd", 5)
+    (t, _) = table.build_tables(list(runs.values()), "top1_best")
+    assert "0 failed, 2 incomplete (running, or no metrics.json)" in "\n".join(t.notes)
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"status": "compl', "is not valid JSON"),
+    ('[1, 2]', "holds a JSON list, not a record"),
+])  # fmt: skip
+def test_unreadable_record_is_failed_and_named(tmp_path: Path, content: str, reason: str):
+    s = tmp_path / "sweeps"
+    write_run(s, "t/cifar100/vgg13_vgg8/kd/tau=2/seed=0", distiller="kd", tau=2.0)
+    bad = write_run(s, "t/cifar100/vgg13_vgg8/kd/tau=3/seed=0", distiller="kd", tau=3.0)
+    (bad / RECORD).write_text(content)
+    runs = table.collect_runs([s], cwd=str(tmp_path))
+    (run,) = [r for r in runs if r.unreadable]
+    shown = "sweeps/t/cifar100/vgg13_vgg8/kd/tau=3/seed=0/metrics.json"
+    assert run.status == "failed" and run.message.startswith(shown) and reason in run.message
+    assert (run.dataset, run.pair, run.distiller, run.settings["tau"]) == (
+        "cifar100", "vgg13_vgg8", "kd", 3.0)  # from the saved config
+    (t,) = table.build_tables(runs, "top1_best")
+    notes = "\n".join(t.notes)
+    assert f"Unreadable, counted as failed: {shown} " in notes and reason in notes
+    assert "1 completed, 0 diverged, 1 failed" in notes
+    assert reason in table.runs_csv(runs)
 
 
 def test_variants_failed_and_explicit_scd_tau(tmp_path: Path):
-    """Settings other than beta/tau that vary split the grid; odd statuses are 'failed'."""
+    """Settings beyond the first two that vary split the grid; odd statuses are 'failed'."""
     s = tmp_path / "sweeps"
     for std in (False, True):
-        for b, v in [(1, 70.0), (2, 71.0 + 5 * std)]:
-            d = write_run(s, f"v/std={std}/b={b}", distiller="rld", beta=b, tau=4, top1_best=v)
-            cfg_path = d / ".hydra" / "config.yaml"
-            cfg = yaml.safe_load(cfg_path.read_text())
-            cfg["distiller"]["standardize"] = std
-            cfg_path.write_text(yaml.safe_dump(cfg))
-            _set_metrics(d, standardize=std)
-    # scd_tau set on its own (not the ${distiller.tau} default): a different point
-    d = write_run(s, "v/scd/b=1", distiller="rld", beta=1, tau=4, top1_best=99.0)
-    cfg = yaml.safe_load((d / ".hydra/config.yaml").read_text())
-    cfg["distiller"]["scd_tau"] = 1.0
-    (d / ".hydra/config.yaml").write_text(yaml.safe_dump(cfg))
-    _set_metrics(d, scd_tau=1.0)
-    # a run killed by the scheduler and a corrupt metrics.json: failed, not completed
-    write_run(s, "v/killed", distiller="kd", tau=2, status="killed", top1_best=50.0)
-    bad = write_run(s, "v/corrupt", distiller="kd", tau=3, top1_best=50.0)
-    (bad / "metrics.json").write_text('{"status": "compl')
+        for b, v in [(1.0, 70.0), (2.0, 71.0 + 5 * std)]:
+            write_run(s, f"v/std={std}/b={b}", distiller="rld", beta=b, tau=4.0, top1_best=v,
+                      standardize=std)  # fmt: skip
+    # scd_tau set on its own (not the ${distiller.tau} default): a setting that varies
+    write_run(s, "v/scd/b=1", distiller="rld", beta=1.0, tau=4.0, scd_tau=1.0, top1_best=99.0)
+    # a run killed by the scheduler (a status this version does not know): failed
+    write_run(s, "v/killed", distiller="kd", tau=2.0, status="killed", top1_best=50.0)
+    write_run(s, "v/failed", distiller="kd", tau=3.0, status="failed", top1_best=None)
     runs = table.collect_runs([s], cwd=str(tmp_path))
-    assert sorted(r["status"] for r in runs if r["distiller"] == "kd") == ["failed", "failed"]
+    assert sorted(r.status for r in runs if r.distiller == "kd") == ["failed", "failed"]
     (t,) = table.build_tables(runs, "top1_best")
-    (g,) = [g for g in t.groups if g.unit == ("rld", "vgg13_vgg8")]
-    assert len(g.points) == 5 and len(g.grids) == 2  # the scd_tau point is a grid of its own
-    names = sorted(table._grid_name(gr, g) for gr in g.grids)
+    g = _group(t, ("rld", "vgg13_vgg8"))
+    # beta and scd_tau (varying, beta first: a POINT_KEY) are the axes; standardize splits
+    assert len(g.points) == 5 and len(g.grids) == 2
+    assert {gr.axes for gr in g.grids} == {("beta", "scd_tau")}
+    names = sorted(table.grid_name(gr) for gr in g.grids)
     assert names == ["vgg13_vgg8_rld_standardize=false_grid", "vgg13_vgg8_rld_standardize=true_grid"]
     c = _row(t, "vgg13_vgg8").cells["rld"]
     assert c.ours() == "99.00 (n=1) @ β=1, τ=4, scd_tau=1, standardize=false"
@@ -427,13 +501,75 @@ def test_variants_failed_and_explicit_scd_tau(tmp_path: Path):
     assert tmp_path / "out/cifar100/vgg13_vgg8_rld_standardize=true_grid.png" in written
     md = (tmp_path / "out/cifar100/vgg13_vgg8_rld_standardize=true_grid.md").read_text()
     assert "**76.00 (n=1)** (best)" in md and "standardize=true" in md
+    assert "| β \\ scd_tau |" in md
 
 
 def test_a_failed_record_is_failed_not_diverged(tmp_path: Path):
-    """The engine records a run that raised as status "failed" with null accuracies."""
+    """The engine records a run that raised as status "failed" with null accuracies; a
+    record written by an older version may lack most keys."""
     write_run(tmp_path / "sweeps", "f", distiller="rld", status="failed", top1_best=None)
-    write_run(tmp_path / "sweeps", "d", distiller="rld", beta=2, status="diverged",
-              top1_best=None)
+    write_run(tmp_path / "sweeps", "d", distiller="rld", beta=2.0, status="diverged",
+              top1_best=None)  # fmt: skip
+    old = tmp_path / "sweeps/t/cifar100/vgg13_vgg8/rld/default/seed=4"
+    write_config(old, dataset="cifar100", pair="vgg13_vgg8", teacher="vgg13", student="vgg8",
+                 role="student", distiller="rld", seed=4, epochs=None)  # fmt: skip
+    (old / RECORD).write_text(json.dumps({"status": "failed", "message": "boom\n  at x"}))
     runs = table.collect_runs([tmp_path / "sweeps"], cwd=str(tmp_path))
-    assert sorted((r["beta"], r["status"]) for r in runs) == [(2.0, "diverged"),
-                                                             (8.0, "failed")]
+    assert sorted((r.settings.get("beta"), r.status) for r in runs if r.seed != 4) == [
+        (2.0, "diverged"), (8.0, "failed")]
+    (o,) = [r for r in runs if r.seed == 4]
+    assert (o.status, o.dataset, o.pair, o.distiller, o.message) == (
+        "failed", "cifar100", "vgg13_vgg8", "rld", "boom at x")  # identity from its path
+
+
+def test_literature_merges_both_files():
+    rows = {(p.dataset, p.teacher, p.student): p.values for p in table.load_literature()}
+    r = rows[("cifar100", "resnet32x4", "resnet8x4")]
+    assert (r["rld"], r["fitnet"], r["ofd"], r["crd"], r["reviewkd"]) == (
+        76.64, 73.50, 74.95, 75.51, 75.63)
+    assert "fitnet" not in rows[("cifar100", "vgg13", "vgg8")]
+    assert "rld" not in rows[("cifar100", "resnet32x4", "ShuffleV1")]  # not reported
+
+
+def test_feature_methods_columns_and_two_setting_grid(tmp_path: Path, monkeypatch):
+    """Feature distillers get columns (in a fixed order, then others by name) with the
+    literature's values; CRD's grid over kd_weight x nce_t, one per nce_momentum."""
+    # a grid's axes: the distiller's POINT_KEYS that vary, then the other varying settings
+    monkeypatch.setitem(POINT_KEYS, "crd", ("kd_weight", "nce_t"))
+    monkeypatch.delitem(DISTILLER_SETTINGS, "zeta", raising=False)
+    s = tmp_path / "sweeps"
+    p = dict(pair="resnet32x4_resnet8x4", teacher="resnet32x4", student="resnet8x4")
+    i = 0
+    for mom in (0.5, 0.9):
+        for kw in (0.5, 0.8):
+            for nce_t in (0.05, 0.1):
+                i += 1
+                write_run(s, f"t/c/crd/{i}", distiller="crd", nce_momentum=mom, kd_weight=kw,
+                          nce_t=nce_t, beta=float(i), top1_best=70 + i / 10, **p)  # fmt: skip
+    write_run(s, "t/c/fitnet/0", distiller="fitnet", kd_weight=100.0, top1_best=73.0, **p)
+    write_run(s, "t/c/zeta/0", distiller="zeta", top1_best=71.0, **p)
+    runs = table.collect_runs([s], cwd=str(tmp_path))
+    (t,) = table.build_tables(runs, "top1_best")
+    assert t.methods == ["teacher", "student", "kd", "dkd", "rld", "fitnet", "crd", "zeta"]
+    c = _row(t, "resnet32x4_resnet8x4").cells
+    assert c["fitnet"].ours() == "73.00 (n=1)" and c["fitnet"].paper_text() == "73.50 (Δ -0.50)"
+    # beta varies too, but CRD does not read it (rld.config.DISTILLER_SETTINGS)
+    assert c["crd"].ours() == "70.80 (n=1) @ kd_weight=0.8, nce_t=0.1, nce_momentum=0.9"
+    assert c["crd"].paper == 75.51 and math.isnan(c["zeta"].paper)
+    header = [h.strip() for h in table.table_markdown(t).splitlines()[4].strip("|").split("|")]
+    assert header[11:] == ["FitNet", "paper (Δ)", "CRD", "paper (Δ)", "zeta", "paper (Δ)"]
+    g = _group(t, ("crd", "resnet32x4_resnet8x4"))
+    assert [(gr.axes, gr.tag) for gr in g.grids] == [
+        (("kd_weight", "nce_t"), "nce_momentum=0.5"), (("kd_weight", "nce_t"), "nce_momentum=0.9")]
+    written, _ = table.write_outputs(runs, tmp_path / "o1", "top1_best")
+    stem = tmp_path / "o1/cifar100/resnet32x4_resnet8x4_crd_nce_momentum=0.5_grid"
+    assert Path(f"{stem}.md") in written and Path(f"{stem}.png") in written
+    md = Path(f"{stem}.md").read_text()
+    assert "| kd_weight \\ nce_t | 0.05" in md and "**70.40 (n=1)** (best)" in md
+    assert "Other settings: " in md and "nce_momentum=0.5" in md
+    assert "4 cells: 4 run, 0 missing" in md
+    assert _red_pixels(Path(f"{stem}.png")) > 50
+    # identical input, identical bytes (tables, grids and PNGs)
+    table.write_outputs(runs, tmp_path / "o2", "top1_best")
+    a, b = _snapshot(tmp_path / "o1"), _snapshot(tmp_path / "o2")
+    assert len(a) == 8 and a == b

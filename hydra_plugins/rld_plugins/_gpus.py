@@ -28,6 +28,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_SLOT_DIR = os.path.join(tempfile.gettempdir(), "rld-gpu-slots")
+# the slot directory's environment variable (conf/hydra/launcher/gpus.yaml reads it too)
+SLOT_DIR_ENV = "RLD_GPU_SLOT_DIR"
 
 
 def parse_visible(value: str) -> list[str]:
@@ -174,22 +176,54 @@ def pin_process(pool: SlotPool) -> str | None:
     return device
 
 
+def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: Any,
+                task_function: Any, singleton_state: dict) -> Any:
+    """Run job number `idx` of a sweep in this process, through Hydra's public core API (the
+    calls every launcher makes): its config, `hydra.job.id`/`num`, then `run_job`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import run_job, setup_globals
+    from omegaconf import open_dict
+
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
+        sweep_config.hydra.job.num = idx
+    HydraConfig.instance().set_config(sweep_config)
+    return run_job(hydra_context=hydra_context, task_function=task_function,
+                   config=sweep_config, job_dir_key="hydra.sweep.dir",
+                   job_subdir_key="hydra.sweep.subdir")
+
+
 def run_pinned(pool: SlotPool, idx: int, overrides: Sequence[str], hydra_context: Any,
                config: Any, task_function: Any, singleton_state: dict) -> Any:
-    """A joblib task: pin this worker, then run the Hydra job as the joblib launcher does."""
-    from hydra_plugins.hydra_joblib_launcher._core import execute_job
-
+    """A joblib task: pin this worker, then run the Hydra job."""
     device = pin_process(pool)
     if device is not None:
         log.info("job #%d: CUDA_VISIBLE_DEVICES=%s (worker %d)", idx, device, os.getpid())
     return execute_job(idx, overrides, hydra_context, config, task_function, singleton_state)
 
 
+def joblib_kwargs(settings: dict[str, Any], n_jobs: int) -> dict[str, Any]:
+    """joblib.Parallel's keyword arguments from the launcher's settings: numbers given as
+    strings become ints (pre_dispatch "2*n_jobs" stays an expression), the backend is loky
+    (processes: a worker's CUDA_VISIBLE_DEVICES is its own)."""
+    out = dict(settings)
+    for key in ("pre_dispatch", "batch_size", "max_nbytes"):
+        value = out.get(key)
+        if isinstance(value, str) and value.strip().isdigit():
+            out[key] = int(value)
+    out["n_jobs"] = n_jobs
+    out["backend"] = "loky"
+    return out
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> Sequence[Any]:
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
-    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
     from joblib import Parallel, delayed
 
     setup_globals()
@@ -200,10 +234,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
 
     pool = launcher.pool()
     n_jobs = launcher.parallelism
-    joblib_cfg = dict(launcher.joblib)
-    joblib_cfg["n_jobs"] = n_jobs
-    joblib_cfg["backend"] = "loky"  # processes: a worker's CUDA_VISIBLE_DEVICES is its own
-    process_joblib_cfg(joblib_cfg)
+    joblib_cfg = joblib_kwargs(launcher.joblib, n_jobs)
     where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} job(s) per GPU"
              if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per job")
     log.info("gpus launcher: %d job(s), %d at a time on %s; sweep dir %s",
@@ -218,3 +249,34 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         for idx, overrides in enumerate(job_overrides))
     assert isinstance(runs, list) and all(isinstance(r, JobReturn) for r in runs)
     return runs
+
+
+# ------------------------------------------------------------------ submitit's local executor
+def local_pool(gpus_per_node: int) -> SlotPool | None:
+    """The slot pool of `hydra/launcher=submitit_local` jobs: one slot per visible GPU (the
+    sweeper's CUDA_VISIBLE_DEVICES, else every GPU), in the slot directory of the `gpus`
+    launcher ($RLD_GPU_SLOT_DIR, else the default); None for CPU jobs or without a GPU."""
+    if not gpus_per_node:
+        return None
+    devices = visible_devices()
+    if not devices:
+        log.warning("submitit_local: gpus_per_node=%d but no GPU visible "
+                    "(CUDA_VISIBLE_DEVICES=%r): jobs run on the CPU", gpus_per_node,
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return None
+    return SlotPool(tuple(devices), 1, os.environ.get(SLOT_DIR_ENV) or DEFAULT_SLOT_DIR)
+
+
+def launch_in_waves(submit: Any, pool: SlotPool | None, job_overrides: Sequence[Sequence[str]],
+                    initial_job_idx: int) -> list[Any]:
+    """`submit(overrides, initial_job_idx)` in waves of at most one job per slot of `pool`
+    (all at once without a pool): submitit's local executor starts a batch's jobs together,
+    and a job must not spend its time limit waiting for a GPU of its own batch."""
+    size = len(pool.slots) if pool is not None else max(1, len(job_overrides))
+    if pool is not None and len(job_overrides) > size:
+        log.info("submitit_local: %d job(s) on %d GPU(s) (%s): %d at a time",
+                 len(job_overrides), len(pool.devices), ",".join(pool.devices), size)
+    returns: list[Any] = []
+    for start in range(0, len(job_overrides), size):
+        returns.extend(submit(list(job_overrides[start:start + size]), initial_job_idx + start))
+    return returns

@@ -4,14 +4,13 @@ Bookkeeping, all in the study's own database so that any SQLAlchemy URL works:
 
 * every trial carries the user attributes `rld_owner` (the sweeper process that runs it),
   `rld_state` (completed | diverged | error | interrupted) and `rld_run_dir`;
-* table `rld_sweepers`: one row per live sweeper process with a heartbeat;
-* table `rld_grid_claims`: one row per grid point being run, keyed (study, point).  Inserting
-  the row is the claim; the database's unique key makes it atomic, so two sweepers can never
-  hold the same point, and a point is only claimed when no trial of it has completed.
+* grid points are claimed, and sweepers send heartbeats, through `_guard.Guard`: a point is
+  only claimed when no trial of it has settled, and two sweepers never hold the same point.
 
 A sweeper whose heartbeat is older than `stale_after_s` (or whose process is gone, on this
 host) is dead: its claims are dropped and its running trials failed as `interrupted`, so
-their points are run again (resuming from the run's checkpoint).
+their points are run again (resuming from the run's checkpoint).  Optuna's internals are
+reached through `_optuna_compat` only.
 """
 
 from __future__ import annotations
@@ -19,15 +18,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import math
 import os
-import socket
-import threading
-import time
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +35,21 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from ._guard import Guard, engine_kwargs, retry  # noqa: E402
+from ._optuna_compat import Grid, StudyStore, grid_of, quiet_grid_sampler, tell  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 OWNER_ATTR = "rld_owner"
 STATE_ATTR = "rld_state"
 RUN_DIR_ATTR = "rld_run_dir"
-# trial states (STATE_ATTR) that settle a grid point: it is not run again
-SETTLED = ("completed", "diverged")
+# the study's file when hydra.sweeper.storage is null: beside the sweep's runs
+DEFAULT_DB = "optuna.db"
 
 
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 120}}
-    return {"pool_pre_ping": True}
+def default_storage(sweep_dir: str) -> str:
+    """`sqlite:///<sweep dir>/optuna.db` (absolute): the study lives beside its runs."""
+    return f"sqlite:///{Path(sweep_dir).absolute() / DEFAULT_DB}"
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -88,163 +84,6 @@ def _file_lock(path: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _retry(fn, what: str, attempts: int = 5):
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - concurrent start-up of workers on one database
-            if i == attempts - 1:
-                raise
-            log.warning("%s failed (%s); retrying", what, e)
-            time.sleep(1 + i)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Guard:
-    """Sweeper liveness and grid-point claims in tables next to Optuna's."""
-
-    def __init__(self, url: str, study_name: str, heartbeat_s: float, stale_after_s: float):
-        import sqlalchemy as sa
-
-        self.sa = sa
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
-        self.study = study_name
-        self.heartbeat_s = float(heartbeat_s)
-        self.stale_after_s = float(stale_after_s)
-        self.engine = sa.create_engine(url, **_engine_kwargs(url))
-        meta = sa.MetaData()
-        self.workers = sa.Table(
-            "rld_sweepers", meta,
-            sa.Column("owner", sa.String(128), primary_key=True),
-            sa.Column("host", sa.String(255), nullable=False),
-            sa.Column("pid", sa.Integer, nullable=False),
-            sa.Column("heartbeat", sa.Float, nullable=False))
-        self.claims = sa.Table(
-            "rld_grid_claims", meta,
-            sa.Column("study", sa.String(255), primary_key=True),
-            sa.Column("point", sa.String(255), primary_key=True),
-            sa.Column("owner", sa.String(128), nullable=False),
-            sa.Column("since", sa.Float, nullable=False))
-        _retry(lambda: meta.create_all(self.engine), "creating the sweeper tables")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- liveness ------------------------------------------------------------------------
-    def start(self) -> None:
-        with self.engine.begin() as c:
-            c.execute(self.workers.insert().values(owner=self.owner, host=self.host,
-                                                   pid=self.pid, heartbeat=time.time()))
-        self._thread = threading.Thread(target=self._beat, name="rld-sweeper-heartbeat",
-                                        daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                with self.engine.begin() as c:
-                    n = c.execute(self.workers.update()
-                                  .where(self.workers.c.owner == self.owner)
-                                  .values(heartbeat=time.time())).rowcount
-                    if n == 0:  # another sweeper took us for dead: come back
-                        log.warning("this sweeper was taken for dead (no heartbeat for %.0fs);"
-                                    " its grid points may be run twice", self.stale_after_s)
-                        c.execute(self.workers.insert().values(
-                            owner=self.owner, host=self.host, pid=self.pid,
-                            heartbeat=time.time()))
-            except Exception as e:  # noqa: BLE001 - keep beating through database hiccups
-                log.warning("sweeper heartbeat failed: %s", e)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        with self.engine.begin() as c:
-            c.execute(self.claims.delete().where(self.claims.c.owner == self.owner))
-            c.execute(self.workers.delete().where(self.workers.c.owner == self.owner))
-        self.engine.dispose()
-
-    def _dead(self, row: Any, now: float) -> bool:
-        return now - row.heartbeat > self.stale_after_s or (
-            row.host == self.host and not _pid_alive(row.pid))
-
-    def reap(self) -> None:
-        """Drop the rows and claims of sweepers that died without cleaning up."""
-        now = time.time()
-        with self.engine.begin() as c:
-            rows = c.execute(self.sa.select(self.workers)).fetchall()
-        dead = [r.owner for r in rows if r.owner != self.owner and self._dead(r, now)]
-        if dead:
-            log.warning("sweeper(s) %s stopped without cleaning up: releasing their points",
-                        ", ".join(dead))
-            with self.engine.begin() as c:
-                c.execute(self.claims.delete().where(self.claims.c.owner.in_(dead)))
-                c.execute(self.workers.delete().where(self.workers.c.owner.in_(dead)))
-
-    def alive(self, owner: str) -> bool:
-        """Whether `owner` is a live sweeper, read fresh from the database.  A sweeper
-        registers before it claims a point or starts a trial, so no row means gone."""
-        if owner == self.owner:
-            return True
-        with self.engine.begin() as c:
-            row = c.execute(self.sa.select(self.workers).where(
-                self.workers.c.owner == owner)).first()
-        return row is not None and not self._dead(row, time.time())
-
-    # -- claims --------------------------------------------------------------------------
-    def _insert(self, point: str) -> bool:
-        try:
-            with self.engine.begin() as c:
-                c.execute(self.claims.insert().values(study=self.study, point=point,
-                                                      owner=self.owner, since=time.time()))
-            return True
-        except self.sa.exc.IntegrityError:
-            return False
-
-    def claim(self, point: str) -> bool:
-        """Take `point` for this sweeper; False when a live sweeper holds it."""
-        if self._insert(point):
-            return True
-        with self.engine.begin() as c:
-            row = c.execute(self.sa.select(self.claims.c.owner).where(
-                (self.claims.c.study == self.study) & (self.claims.c.point == point))).first()
-        if row is not None:
-            if self.alive(row.owner):
-                return False
-            with self.engine.begin() as c:  # left behind by a dead sweeper
-                c.execute(self.claims.delete().where(
-                    (self.claims.c.study == self.study) & (self.claims.c.point == point)
-                    & (self.claims.c.owner == row.owner)))
-        return self._insert(point)
-
-    def release(self, points: Iterable[str]) -> None:
-        points = list(points)
-        if not points:
-            return
-        with self.engine.begin() as c:
-            c.execute(self.claims.delete().where(
-                (self.claims.c.study == self.study) & self.claims.c.point.in_(points)
-                & (self.claims.c.owner == self.owner)))
-
-
-class _QuietGrid(logging.Filter):
-    """GridSampler warns that it 're-evaluates' a point when we deliberately re-run a point
-    whose earlier trial errored; the point is chosen here, not by the sampler."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "is re-evaluating a configuration" not in record.getMessage()
-
-
 def _value_str(v: Any) -> str:
     if isinstance(v, str):
         return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -260,13 +99,18 @@ def _run_dir(ret: Any) -> str | None:
         return None
 
 
-def _run_status(run_dir: str | None) -> str | None:
+def run_status(run_dir: str | None) -> str | None:
+    """The status in the run's record (rld.record); None without a readable record."""
     if not run_dir:
         return None
+    from rld.record import RecordError, read_record
+
     try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
+        record = read_record(Path(run_dir))
+    except RecordError as e:
+        log.warning("%s", e)
         return None
+    return None if record is None else record.status
 
 
 class RldOptunaSweeperImpl(OptunaSweeperImpl):
@@ -277,6 +121,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.guard: Guard | None = None
+        self.store: StudyStore | None = None
 
     # -- configuration -------------------------------------------------------------------
     def _parse_sweeper_params_config(self) -> list[str]:
@@ -312,15 +157,17 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _open_study(self, directions: list[str]) -> optuna.Study:
         storage = self.storage
+        if storage is None:
+            storage = default_storage(str(self.config.hydra.sweep.dir))
         url = storage if isinstance(storage, str) else None
         path = _sqlite_path(url) if url else None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(path):
             if url:
-                storage = _retry(lambda: optuna.storages.RDBStorage(
-                    url, engine_kwargs=_engine_kwargs(url)), "opening the Optuna storage")
-            study = _retry(lambda: optuna.create_study(
+                storage = retry(lambda: optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs(url)), "opening the Optuna storage")
+            study = retry(lambda: optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
                 directions=directions, load_if_exists=True), "creating the study")
             if url:
@@ -328,25 +175,30 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             elif storage is not None:
                 log.warning("storage %r is not a URL: no guard against other sweepers",
                             storage)
-        log.info("Study %s in %s (%s)", study.study_name, _redact(url) if url else "memory",
-                 type(self.sampler).__name__)
+        log.info("Study %s in %s (%s)", study.study_name,
+                 _redact(url) if url else type(storage).__name__, type(self.sampler).__name__)
+        self.store = StudyStore(study)
         return study
 
     # -- trials --------------------------------------------------------------------------
-    def _all_trials(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    def _all_trials(self) -> list[optuna.trial.FrozenTrial]:
         """Fresh from the database (Optuna's cache does not see other processes' updates)."""
-        backend = getattr(study._storage, "_backend", study._storage)
-        return backend.get_all_trials(study._study_id, deepcopy=False)
+        assert self.store is not None
+        return self.store.trials()
 
-    def _fail_orphans(self, study: optuna.Study) -> list[dict[str, Any]]:
+    @property
+    def _owner(self) -> str:
+        return self.guard.owner if self.guard else "local"
+
+    def _fail_orphans(self) -> list[dict[str, Any]]:
         """Fail running trials of dead sweepers; return their params."""
         if self.guard is None:
             return []
+        assert self.store is not None
         self.guard.reap()
-        backend = getattr(study._storage, "_backend", study._storage)
         alive: dict[str, bool] = {}
         orphans = []
-        for t in self._all_trials(study):
+        for t in self._all_trials():
             owner = t.user_attrs.get(OWNER_ATTR)
             if t.state != TrialState.RUNNING or owner is None:
                 continue
@@ -354,25 +206,17 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 alive[owner] = self.guard.alive(owner)
             if alive[owner]:
                 continue
-            try:
-                backend.set_trial_user_attr(t._trial_id, STATE_ATTR, "interrupted")
-                backend.set_trial_state(t._trial_id, TrialState.FAIL)
-            except RuntimeError:  # finished in the meantime, or failed by another sweeper
-                continue
-            log.warning("trial %d (%s) of a stopped sweeper marked interrupted", t.number,
-                        t.params)
-            orphans.append(dict(t.params))
+            # False: finished in the meantime, or failed by another sweeper
+            if self.store.fail(t, {STATE_ATTR: "interrupted"}):
+                log.warning("trial %d (%s) of a stopped sweeper marked interrupted", t.number,
+                            t.params)
+                orphans.append(dict(t.params))
         return orphans
 
     def _new_trial(self, study: optuna.Study, grid_id: int | None = None) -> optuna.Trial:
-        if grid_id is None:
-            trial = study.ask()
-        else:
-            tid = study._storage.create_new_trial(study._study_id)
-            trial = optuna.trial.Trial(study, tid)  # the grid sampler picks some grid id...
-            study._storage.set_trial_system_attr(tid, "grid_id", grid_id)  # ...we pin ours
-        study._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR,
-                                           self.guard.owner if self.guard else "local")
+        assert self.store is not None
+        trial = study.ask() if grid_id is None else self.store.new_grid_trial(grid_id)
+        trial.set_user_attr(OWNER_ATTR, self._owner)
         return trial
 
     def _configure(self, study: optuna.Study, trials: list[optuna.Trial], search: dict,
@@ -410,19 +254,14 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 else:
                     values = None
                     state = TrialState.FAIL
-                    tag = "diverged" if _run_status(run_dir) == "diverged" else "error"
+                    tag = "diverged" if run_status(run_dir) == "diverged" else "error"
                     log.warning("trial %d %s: %s (%s)", trial.number,
                                 "diverged" if tag == "diverged" else "gave no number",
                                 trial.params, run_dir)
-            study._storage.set_trial_user_attr(trial._trial_id, STATE_ATTR, tag)
+            trial.set_user_attr(STATE_ATTR, tag)
             if run_dir:
-                study._storage.set_trial_user_attr(trial._trial_id, RUN_DIR_ATTR, run_dir)
-            try:
-                study.tell(trial, values=values, state=state)
-            except RuntimeError as e:
-                # the grid sampler calls study.stop() once the grid is full; harmless here
-                if "Study.stop" not in str(e):
-                    raise
+                trial.set_user_attr(RUN_DIR_ATTR, run_dir)
+            tell(study, trial, values, state)
         return raised
 
     def _check_failures(self, raised: list[BaseException], returns: Sequence[Any]) -> None:
@@ -432,20 +271,19 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             for ret in returns:
                 ret.return_value  # noqa: B018 - re-raises the job's exception
 
-    def _finish_mine(self, study: optuna.Study) -> None:
+    def _finish_mine(self) -> None:
         """On the way out (Ctrl-C, errors): my running trials become `interrupted`."""
-        owner = self.guard.owner if self.guard else "local"
-        backend = getattr(study._storage, "_backend", study._storage)
+        if self.store is None:
+            return
         try:
-            trials = self._all_trials(study)
+            trials = self._all_trials()
         except Exception as e:  # noqa: BLE001 - do not hide the error that brought us here
             log.warning("could not mark this sweeper's running trials interrupted: %s", e)
             return
         for t in trials:
-            if t.state == TrialState.RUNNING and t.user_attrs.get(OWNER_ATTR) == owner:
+            if t.state == TrialState.RUNNING and t.user_attrs.get(OWNER_ATTR) == self._owner:
                 with contextlib.suppress(Exception):
-                    backend.set_trial_user_attr(t._trial_id, STATE_ATTR, "interrupted")
-                    backend.set_trial_state(t._trial_id, TrialState.FAIL)
+                    self.store.fail(t, {STATE_ATTR: "interrupted"})
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
@@ -467,62 +305,70 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         study = self._open_study(directions)
         if self.guard is not None:
             self.guard.start()
-        quiet = _QuietGrid()
-        logging.getLogger("optuna.samplers._grid").addFilter(quiet)
         try:
-            if is_grid:
-                self._sweep_grid(study, search, fixed, directions)
-            else:
-                self._sweep_budget(study, search, fixed, directions)
+            with quiet_grid_sampler():
+                if is_grid:
+                    self._sweep_grid(study, search, fixed, directions)
+                else:
+                    self._sweep_budget(study, search, fixed, directions)
         finally:
-            logging.getLogger("optuna.samplers._grid").removeFilter(quiet)
-            self._finish_mine(study)
+            self._finish_mine()
             if self.guard is not None:
                 self.guard.stop()
         self._write_results(study, directions)
 
+    def _settled(self, names: Sequence[str]) -> set[tuple]:
+        """Grid points (values in the order of `names`) that are not to run again: those with
+        a completed trial, or one failed as a settled run (diverged)."""
+        from rld.record import SETTLED
+
+        out = set()
+        for t in self._all_trials():
+            if not all(n in t.params for n in names):
+                continue
+            if t.state == TrialState.COMPLETE or (
+                    t.state == TrialState.FAIL and t.user_attrs.get(STATE_ATTR) in SETTLED):
+                out.add(tuple(t.params[n] for n in names))
+        return out
+
+    def _claim_batch(self, candidates: Sequence[int], grid: Grid, keys: Sequence[str],
+                     size: int) -> list[int]:
+        """Up to `size` of the grid points `candidates` not settled yet, claimed (with a
+        guard) so that no other sweeper runs them meanwhile."""
+        done = self._settled(grid.names)
+        batch: list[int] = []
+        for i in candidates:
+            if grid.points[i] in done:
+                continue
+            if self.guard is not None:
+                if not self.guard.claim(keys[i]):
+                    continue
+                if grid.points[i] in self._settled(grid.names):  # finished while claiming
+                    self.guard.release([keys[i]])
+                    continue
+            batch.append(i)
+            if len(batch) == size:
+                break
+        return batch
+
     def _sweep_grid(self, study: optuna.Study, search: dict, fixed: dict,
                     directions: list[str]) -> None:
-        sampler = self.sampler
-        names: list[str] = list(sampler._param_names)
-        grids: list[tuple] = list(sampler._all_grids)
+        grid = grid_of(self.sampler)
+        names, grids = grid.names, grid.points
         keys = [",".join(f"{n}={v!r}" for n, v in zip(names, g)) for g in grids]
         limit = len(grids) if self.n_trials is None else min(int(self.n_trials), len(grids))
         batch_size = self._batch_size()
-
-        def settled() -> set[tuple]:
-            out = set()
-            for t in self._all_trials(study):
-                if not all(n in t.params for n in names):
-                    continue
-                if t.state == TrialState.COMPLETE or (
-                        t.state == TrialState.FAIL and t.user_attrs.get(STATE_ATTR) in SETTLED):
-                    out.add(tuple(t.params[n] for n in names))
-            return out
-
-        done_before = settled()
+        done_before = self._settled(names)
         todo = [i for i, g in enumerate(grids) if g not in done_before][: max(0, limit
                                                                              - len(done_before))]
         log.info("grid of %d point(s) (%s): %d settled, %d to run, %d at a time", len(grids),
-                 " x ".join(f"{n} {sampler._search_space[n]}" for n in names),
+                 " x ".join(f"{n} {list(grid.choices[n])}" for n in names),
                  len(done_before), len(todo), batch_size)
         tried: set[int] = set()
         while True:
-            self._fail_orphans(study)
-            done = settled()
-            batch: list[int] = []
-            for i in todo:
-                if i in tried or grids[i] in done:
-                    continue
-                if self.guard is not None:
-                    if not self.guard.claim(keys[i]):
-                        continue
-                    if grids[i] in settled():  # finished while we were claiming
-                        self.guard.release([keys[i]])
-                        continue
-                batch.append(i)
-                if len(batch) == batch_size:
-                    break
+            self._fail_orphans()
+            batch = self._claim_batch([i for i in todo if i not in tried], grid, keys,
+                                      batch_size)
             if not batch:
                 break
             try:
@@ -536,7 +382,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 if self.guard is not None:
                     self.guard.release(keys[i] for i in batch)
             self._check_failures(raised, returns)
-        left = [keys[i] for i in todo if grids[i] not in settled()]
+        left = [keys[i] for i in todo if grids[i] not in self._settled(names)]
         if left:
             log.info("%d grid point(s) not settled by this sweeper (running elsewhere or "
                      "failed): %s", len(left), "; ".join(left))
@@ -544,7 +390,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
     def _budget_used(self, trials: list[optuna.trial.FrozenTrial]) -> int:
         """Trials that count against n_trials: finished ones (except interrupted) and
         those running in other live sweepers."""
-        me = self.guard.owner if self.guard else "local"
+        me = self._owner
         alive: dict[str, bool] = {}
         n = 0
         for t in trials:
@@ -569,9 +415,9 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                              f"sampler {type(self.sampler).__name__}")
         batch_size = self._batch_size()
         while True:
-            for params in self._fail_orphans(study):
+            for params in self._fail_orphans():
                 study.enqueue_trial(params)  # resumes the interrupted run
-            counted = self._budget_used(self._all_trials(study))
+            counted = self._budget_used(self._all_trials())
             to_go = int(self.n_trials) - counted
             if to_go <= 0:
                 break
@@ -583,7 +429,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             self._check_failures(raised, returns)
 
     def _write_results(self, study: optuna.Study, directions: list[str]) -> None:
-        trials = self._all_trials(study)
+        trials = self._all_trials()
         states: dict[str, int] = {}
         for t in trials:
             k = t.user_attrs.get(STATE_ATTR) or t.state.name.lower()

@@ -15,6 +15,8 @@ still chosen with `hydra/sweeper/sampler=grid|tpe|...`):
 * a NaN objective (diverged run) fails the trial and the study goes on; `direction`
   defaults to maximize (accuracy).
 * `n_jobs: null` sizes each batch by the launcher (GPU slots, Slurm array parallelism).
+* `storage: null` keeps the study beside its runs, in `<hydra.sweep.dir>/optuna.db`
+  (sqlite), rather than in memory.
 
 The work is done in `_sweeper.py`, imported lazily.
 """
@@ -34,6 +36,8 @@ from omegaconf import DictConfig
 class RldOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.rld_plugins.optuna_sweeper.RldOptunaSweeper"
     direction: Any = Direction.maximize
+    # any SQLAlchemy URL; null: sqlite:///<hydra.sweep.dir>/optuna.db (beside the runs)
+    storage: Any = None
     # grid: null = every missing point; others: the study's total number of trials
     n_trials: Any = None
     # trials per batch; null: what the launcher runs at a time

@@ -10,17 +10,14 @@ initialised before either is timed.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
-import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR_STD = (0.2675, 0.2565, 0.2761)
+from rld.bench.common import PilImages, cifar_pil_transform, device_name, sync, synthetic_cifar
+from rld.config import CIFAR_MEAN, CIFAR_STD
+from rld.io import write_csv
+
 FIELDS = [
     "loader",
     "device",
@@ -41,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--dataset", default="cifar", choices=["cifar", "imagenet"],
+                   help="imagenet: the ImageNet input paths (see --dataset imagenet --help)")
     p.add_argument("--images", type=int, default=20000, help="images in the pass (20000)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
@@ -53,34 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def device_name(device: Any) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} CPUs)"
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_device_loader(images, labels, batch_size: int, device: Any, seed: int) -> float:
     from rld.data.device_loader import DeviceLoader
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     loader = DeviceLoader(
         images,
@@ -95,42 +70,17 @@ def time_device_loader(images, labels, batch_size: int, device: Any, seed: int) 
     loader.set_epoch(1)
     for _x, _y in loader:
         pass
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
-
-
-class _PilDataset:
-    """CIFAR-style dataset: HWC uint8 arrays -> PIL image -> transform."""
-
-    def __init__(self, hwc, labels, transform) -> None:
-        self.hwc, self.labels, self.transform = hwc, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.hwc)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.hwc[i])), int(self.labels[i])
 
 
 def time_dataloader(images, labels, batch_size: int, device: Any, seed: int, workers: int) -> float:
     import torch
     from torch.utils.data import DataLoader
-    from torchvision import transforms as T
 
-    tf = T.Compose(
-        [
-            T.RandomCrop(32, padding=4),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(CIFAR_MEAN, CIFAR_STD),
-        ]
-    )
-    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-    ds = _PilDataset(hwc, labels.numpy(), tf)
+    ds = PilImages(images, labels, cifar_pil_transform())
     cuda = device.type == "cuda"
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     loader = DataLoader(
         ds,
@@ -143,30 +93,22 @@ def time_dataloader(images, labels, batch_size: int, device: Any, seed: int, wor
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
-def write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="cifar", choices=["cifar", "imagenet"])
+    known, _ = pre.parse_known_args(argv)
+    if known.dataset == "imagenet":  # the ImageNet input paths: their own options
+        from rld.bench.imagenet_data import main as imagenet_main
+
+        return imagenet_main(argv)
     args = parse_args(argv)
     import torch
 
     from rld.data.loaders import resolve_device
-    from rld.data.sources import load_dataset
 
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -174,17 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print("rld.bench data: --device cuda but CUDA is not available")
             return 2
         torch.zeros(1, device=device)  # context start-up is not the loader's
-    cfg = SimpleNamespace(
-        name="synthetic",
-        num_classes=100,
-        image_size=32,
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-        train_size=args.images,
-        test_size=1,
-        data_seed=args.seed,
-    )
-    ds = load_dataset(cfg)
+    ds = synthetic_cifar(args.images, args.seed)
     images, labels = ds.train_images, ds.train_labels
     name = device_name(device)
     n, b = args.images, args.batch_size
@@ -235,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         out = Path(args.out)
-        write_csv_atomic(out, rows)
+        write_csv(out, rows, FIELDS)
         print(f"wrote {out}")
     return 0
 

@@ -19,19 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-RLD = SimpleNamespace(
-    name="rld",
-    alpha=1.0,
-    beta=8.0,
-    tau=4.0,
-    scd_tau=4.0,
-    warmup=0,
-    ce_weight=1.0,
-    kd_weight=1.0,
-    standardize=False,
-)
+from rld.validate import COMPILE_MODES
 
 
 def parse_args(argv):
@@ -46,47 +35,21 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="of the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile (fast path)")
-    p.add_argument(
-        "--compile-mode",
-        default="default",
-        help="default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs",
-    )
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="with --compile (reduce-overhead, max-autotune: CUDA graphs)")
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--out", default="results/bench_epoch.csv")
     return p.parse_args(argv)
 
 
-class _PILSet:
-    """CIFAR-style dataset: uint8 HWC arrays -> PIL image -> transforms, per sample."""
-
-    def __init__(self, images_nhwc, labels, transform):
-        self.images, self.labels, self.transform = images_nhwc, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
 def _reference_epoch(step, ds, batch_size: int, workers: int, device, warm: int) -> float:
     import torch
-    from torchvision import transforms
 
-    from rld.engine import train_step
+    from rld.bench.common import PilImages, cifar_pil_transform
+    from rld.loop import train_step
 
-    tf = transforms.Compose(
-        [
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(ds.mean, ds.std),
-        ]
-    )
-    data = _PILSet(ds.train_images.permute(0, 2, 3, 1).numpy(), ds.train_labels.numpy(), tf)
+    data = PilImages(ds.train_images, ds.train_labels, cifar_pil_transform(ds.mean, ds.std))
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=True, num_workers=workers
     )
@@ -116,7 +79,7 @@ def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, fl
 
     from rld.bench.step import compiled_graphs
     from rld.data import DeviceLoader
-    from rld.engine import Progress, train_epoch, train_step
+    from rld.loop import Progress, train_epoch, train_step
 
     loader = DeviceLoader(
         ds.train_images,
@@ -151,39 +114,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from rld.bench.data import device_name
-    from rld.bench.step import _pair, bench_step, check_compile_mode, compile_note
-    from rld.config import CIFAR_MEAN, CIFAR_STD
-    from rld.data import load_dataset
+    from rld.bench.common import device_name, distiller_config, synthetic_cifar
+    from rld.bench.step import _pair, bench_step, compile_note
     from rld.distillers import build_distiller
     from rld.engine import resolve_device, resolve_precision
     from rld.io import write_text
     from rld.models import build_model
 
-    check_compile_mode("rld.bench epoch", args.compile_mode)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     images = args.images or (50000 if cuda else 5000)
-    ds = load_dataset(
-        SimpleNamespace(
-            name="synthetic",
-            root="",
-            download=False,
-            num_classes=100,
-            image_size=32,
-            mean=CIFAR_MEAN,
-            std=CIFAR_STD,
-            train_size=images,
-            test_size=1,
-            data_seed=0,
-        )
-    )
+    ds = synthetic_cifar(images)
     teacher_arch, student_arch = _pair(args.pair)
     warm = 20 if cuda else 2
 
     def step(dtype, channels_last, compile, compile_mode="default"):
         torch.manual_seed(0)
-        return bench_step(student_arch, build_model(teacher_arch, 100), build_distiller(RLD),
+        return bench_step(student_arch, build_model(teacher_arch, 100), build_distiller(distiller_config("rld")),
                           device, dtype, channels_last, compile, compile_mode)
 
     fast_dtype = resolve_precision(args.precision, device)

@@ -18,7 +18,8 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
+
+from rld.validate import COMPILE_MODES
 
 METHODS = ("vanilla", "kd", "dkd", "rld")
 
@@ -46,11 +47,8 @@ def parse_args(argv):
         help="untimed steps per method first (default: 20 on CUDA, 3 on CPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile models and loss")
-    p.add_argument(
-        "--compile-mode",
-        default="default",
-        help="default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs",
-    )
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="with --compile (reduce-overhead, max-autotune: CUDA graphs)")
     p.add_argument(
         "--runs",
         default="results/runs.csv",
@@ -86,12 +84,12 @@ def _top1(runs_csv: str, pair: str) -> dict[str, float]:
 
 def bench_step(student_arch: str, teacher, distiller, device, dtype, channels_last: bool,
                compile: bool, compile_mode: str):
-    """A training `Step` of the CIFAR-100 recipe (SGD lr 0.05, momentum 0.9, wd 5e-4) for a
+    """A `TrainState` of the CIFAR-100 recipe (SGD lr 0.05, momentum 0.9, wd 5e-4) for a
     fresh `student_arch` (100 classes) under `teacher` (a module, or None)."""
-    from rld.engine import build_step
+    from rld.loop import build_train_state
     from rld.models import build_model
 
-    return build_step(build_model(student_arch, 100), teacher, distiller, device=device,
+    return build_train_state(build_model(student_arch, 100), teacher, distiller, device=device,
                       dtype=dtype, channels_last=channels_last, compile=compile,
                       compile_mode=compile_mode, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -110,13 +108,6 @@ def compile_note(compile: bool) -> str:
     return f"; CUDA-graph skips: {counters['inductor']['cudagraph_skips']}" if compile else ""
 
 
-def check_compile_mode(prog: str, mode: str) -> None:
-    from rld.engine import COMPILE_MODES
-
-    if mode not in COMPILE_MODES:
-        raise SystemExit(f"{prog}: --compile-mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
-
-
 def measure(
     pair: str,
     device,
@@ -132,8 +123,9 @@ def measure(
     timing."""
     import torch
 
+    from rld.bench.common import distiller_config
     from rld.distillers import build_distiller
-    from rld.engine import train_step
+    from rld.loop import train_step
     from rld.models import build_model
 
     teacher_arch, student_arch = _pair(pair)
@@ -141,19 +133,9 @@ def measure(
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch_size,), device=device)
     teacher = build_model(teacher_arch, 100)
-    defaults = {
-        "alpha": 1.0,
-        "beta": 8.0,
-        "tau": 4.0,
-        "scd_tau": 4.0,
-        "warmup": 0,
-        "ce_weight": 1.0,
-        "kd_weight": 1.0,
-        "standardize": False,
-    }
     steps_by = {}
     for name in METHODS:
-        distiller = build_distiller(SimpleNamespace(**defaults, name=name))
+        distiller = build_distiller(distiller_config(name))
         steps_by[name] = bench_step(student_arch, teacher if distiller.needs_teacher else None,
                                     distiller, device, dtype, True, compile, compile_mode)
 
@@ -167,7 +149,7 @@ def measure(
         return time.perf_counter() - t0
 
     for s in steps_by.values():
-        s.student.train()
+        s.train()
     t0 = time.perf_counter()
     for _ in range(warmup):
         for name in METHODS:
@@ -185,11 +167,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from rld.bench.data import device_name
+    from rld.bench.common import device_name
     from rld.engine import resolve_device, resolve_precision
     from rld.io import write_text
 
-    check_compile_mode("rld.bench step", args.compile_mode)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     cuda = device.type == "cuda"

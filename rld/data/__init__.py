@@ -2,9 +2,15 @@
 
     load_dataset(cfg) -> DataSet          CIFAR-sized sets in memory (cifar100, synthetic, digits)
     build_loaders(cfg, batch_size, device, seed, drop_last=False) -> Loaders
+    build_loaders(..., *, rank=0, world_size=1, with_index=False, decoder=None)
     DeviceLoader(images_uint8, labels, batch_size, *, train, mean, std, device, seed, ...)
+    BatchPlan(num_samples, batch_size, *, rank, world_size, drop_last, train)
+                                           global batches and a rank's share of each
     crop_flip(batch_uint8, offsets_yx, flips, pad) -> uint8
     DataError                              bad or missing data (a ValueError)
+
+ImageNet: rld.data.imagenet (the PIL path, build_imagenet_loaders) and
+rld.data.imagenet_device (JPEG decoding and augmentation on the device).
 
 Names are imported lazily, so ``import rld.data`` (or DataError alone) does not load torch.
 """
@@ -20,6 +26,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs
     from rld.data.augment import crop_flip, mix_seed
     from rld.data.device_loader import DeviceLoader
     from rld.data.loaders import Loaders, build_loaders, resolve_device
+    from rld.data.sharding import BatchPlan
     from rld.data.sources import DataSet, load_dataset
 
 _LAZY = {
@@ -31,9 +38,11 @@ _LAZY = {
     "Loaders": "rld.data.loaders",
     "build_loaders": "rld.data.loaders",
     "resolve_device": "rld.data.loaders",
+    "BatchPlan": "rld.data.sharding",
 }
 
 __all__ = [
+    "BatchPlan",
     "DataError",
     "DataSet",
     "DeviceLoader",

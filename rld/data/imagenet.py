@@ -1,57 +1,44 @@
-"""ImageNet-style folders (``root/train/<class>/*``, ``root/val/<class>/*``) through a DataLoader.
+"""ImageNet-style folders (``root/train/<class>/*``, ``root/val/<class>/*``): the loaders.
 
 Train: RandomResizedCrop(S) + RandomHorizontalFlip + ToTensor + Normalize; test: Resize(S/0.875)
 + CenterCrop(S) + ToTensor + Normalize (S = ``cfg.image_size``, 224: Resize 256).
 
-Order and augmentation are reproducible per (seed, epoch): the sampler draws the epoch's
-permutation from a generator seeded from (seed, epoch), and each sample's transforms run under
-a torch RNG state seeded from (seed, epoch, index), whichever worker loads it (the caller's
-global RNG state is restored afterwards).
+Two input paths give the same samples, in the same order, with the same crop and flip:
+
+* ``pil`` (`ImageNetLoader`): DataLoader workers decode with PIL and run torchvision's
+  transforms; each sample's transforms run under a torch RNG state seeded from
+  (seed, epoch, index), whichever worker loads it (the caller's RNG state is restored).
+* ``device`` (`rld.data.imagenet_device.ImageNetDeviceLoader`): workers only read the files
+  and draw the crop parameters (the same draws as the pil path); JPEG decoding (nvjpeg on
+  CUDA), crop, resize, flip and normalisation run batched on the device.
+
+``decoder="auto"`` is the device path on CUDA and the pil path on the CPU.  Order, sharding
+among data-parallel ranks and the per-sample seeds: `rld.data.folder`, `rld.data.sharding`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from rld.data.augment import mix_seed
 from rld.data.errors import DataError
+from rld.data.folder import FolderLoader, image_folder
 
-_ORDER_STREAM = 0x0DE7
-_AUGMENT_STREAM = 0xA06
+DECODERS = ("auto", "pil", "device")
 
 
-class EpochSampler(Sampler):
-    """Yields ``(index, sample_seed)``: a (seed, epoch)-seeded permutation, or 0..n-1."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
-        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
-        self.epoch = 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, _ORDER_STREAM, self.epoch))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = range(self.n)
-        base = mix_seed(self.seed, _AUGMENT_STREAM, self.epoch)
-        for i in order:
-            yield i, mix_seed(base, i)
+def resize_size(image_size: int) -> int:
+    """The evaluation resize of crop size `image_size` (224 -> 256): ``round(S / 0.875)``."""
+    return int(round(image_size / 0.875))
 
 
 class SeededTransformDataset(Dataset):
-    """Wraps a dataset of (PIL image, label): item ``(i, s)`` applies `transform` under seed s."""
+    """Wraps a dataset of (PIL image, label): item ``(i, s)`` applies `transform` under seed
+    s and gives ``(x, label, i)``."""
 
     def __init__(self, base: Any, transform: Any) -> None:
         self.base, self.transform = base, transform
@@ -59,17 +46,43 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, seed = item
         img, label = self.base[index]
         with torch.random.fork_rng(devices=[]):  # CPU state only; restored on exit
             torch.default_generator.manual_seed(seed)
             x = self.transform(img)
-        return x, label
+        return x, label, index
 
 
-class ImageNetLoader:
-    """A DataLoader over an image folder whose batches arrive on `device` (non-blocking)."""
+class StackCollate:
+    """Collates ``(x, label, index)`` samples; an empty batch (a rank's share of a last
+    global batch smaller than the number of ranks) gives empty tensors of `shape`."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(int(v) for v in shape)
+
+    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not samples:
+            return (
+                torch.empty((0, *self.shape)),
+                torch.empty(0, dtype=torch.long),
+                torch.empty(0, dtype=torch.long),
+            )
+        xs, labels, index = zip(*samples)
+        return (
+            torch.stack(xs),
+            torch.tensor(labels, dtype=torch.long),
+            torch.tensor(index, dtype=torch.long),
+        )
+
+
+class ImageNetLoader(FolderLoader):
+    """The pil path: a DataLoader whose batches arrive on `device` (non-blocking).
+
+    Yields ``(x, y)`` or, with `with_index`, ``(x, y, index)`` (int64 data set rows).
+    `batch_size` is the global batch, shared among `world_size` ranks (`rld.data.sharding`).
+    """
 
     def __init__(
         self,
@@ -82,47 +95,43 @@ class ImageNetLoader:
         seed: int,
         workers: int,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        with_index: bool = False,
+        image_size: int = 224,
     ) -> None:
-        self.device = torch.device(device)
-        self.train = bool(train)
-        self.sampler = EpochSampler(len(folder), seed, shuffle=self.train)
-        self.drop_last = bool(drop_last) and self.train
-        self.batch_size = int(batch_size)
+        super().__init__(
+            folder.targets,
+            batch_size,
+            train=train,
+            device=device,
+            seed=seed,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            with_index=with_index,
+        )
         workers = int(workers)
         self.loader = DataLoader(
             SeededTransformDataset(folder, transform),
-            batch_size=self.batch_size,
-            sampler=self.sampler,
+            batch_sampler=self.sampler,
             num_workers=workers,
+            collate_fn=StackCollate((3, image_size, image_size)),
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
-            drop_last=self.drop_last,
         )
 
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.n
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield (
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for x, y, index in self.loader:
+            yield self._out(
                 x.to(self.device, non_blocking=True),
-                y.to(self.device, dtype=torch.long, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+                index.to(self.device, non_blocking=True),
             )
 
 
 def imagenet_transforms(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    """The pil path's (train, test) torchvision transforms."""
     from torchvision import transforms as T
 
     norm = T.Normalize([float(v) for v in mean], [float(v) for v in std])
@@ -130,36 +139,24 @@ def imagenet_transforms(image_size: int, mean: Sequence[float], std: Sequence[fl
         [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
     )
     test = T.Compose(
-        [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size), T.ToTensor(), norm]
+        [T.Resize(resize_size(image_size)), T.CenterCrop(image_size), T.ToTensor(), norm]
     )
     return train, test
 
 
-def _image_folder(path: Path) -> Any:
-    from torchvision.datasets import ImageFolder
-
-    if not path.is_dir():
-        raise DataError(
-            f"ImageNet folder {path} not found (expected <dataset.root>/train/<class>/*.JPEG "
-            f"and <dataset.root>/val/<class>/*.JPEG); set dataset.root=DIR"
-        )
-    try:
-        return ImageFolder(str(path))
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
-        raise DataError(f"ImageNet folder {path}: {e}; set dataset.root=DIR") from e
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """The input path of `decoder`: "pil" or "device" ("auto": device on CUDA, else pil)."""
+    if decoder not in DECODERS:
+        raise DataError(f"dataset.decoder={decoder!r}; expected one of {', '.join(DECODERS)}")
+    if decoder == "auto":
+        return "device" if device.type == "cuda" else "pil"
+    return decoder
 
 
-def build_imagenet_loaders(
-    cfg: Any,
-    batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    drop_last: bool = False,
-    test_batch_size: int | None = None,
-) -> tuple[ImageNetLoader, ImageNetLoader, list[str]]:
+def _folders(cfg: Any) -> tuple[Any, Any]:
     root = Path(str(cfg.root)).expanduser()
-    train_set = _image_folder(root / "train")
-    test_set = _image_folder(root / "val")
+    train_set = image_folder(root / "train")
+    test_set = image_folder(root / "val")
     if train_set.classes != test_set.classes:
         raise DataError(
             f"the class folders of {root / 'train'} and {root / 'val'} differ "
@@ -170,25 +167,60 @@ def build_imagenet_loaders(
             f"dataset.num_classes={cfg.num_classes} but {root / 'train'} has "
             f"{len(train_set.classes)} class folders"
         )
-    train_tf, test_tf = imagenet_transforms(int(cfg.image_size), cfg.mean, cfg.std)
-    workers = int(cfg.workers)
-    train = ImageNetLoader(
-        train_set,
-        train_tf,
-        batch_size,
-        train=True,
+    return train_set, test_set
+
+
+def build_imagenet_loaders(
+    cfg: Any,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    drop_last: bool = False,
+    test_batch_size: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    with_index: bool = False,
+    decoder: str | None = None,
+) -> tuple[Any, Any, list[str]]:
+    """(train, test, class names) of the folders under ``cfg.root``.
+
+    `decoder`: auto | pil | device (None: ``cfg.decoder`` when the config has it, else auto).
+    Batch sizes are global (shared among `world_size` ranks); `with_index` adds the rows.
+    """
+    device = torch.device(device)
+    if decoder is None:
+        decoder = str(getattr(cfg, "decoder", "auto"))
+    path = resolve_decoder(decoder, device)
+    train_set, test_set = _folders(cfg)
+    size = int(cfg.image_size)
+    common = dict(
         device=device,
         seed=seed,
-        workers=workers,
-        drop_last=drop_last,
+        workers=int(cfg.workers),
+        rank=rank,
+        world_size=world_size,
+        with_index=with_index,
     )
-    test = ImageNetLoader(
-        test_set,
-        test_tf,
-        test_batch_size or batch_size,
-        train=False,
-        device=device,
-        seed=seed,
-        workers=workers,
-    )
+    test_b = test_batch_size or batch_size
+    if path == "device":
+        from rld.data.imagenet_device import ImageNetDeviceLoader
+
+        aug = dict(image_size=size, mean=cfg.mean, std=cfg.std, **common)
+        train = ImageNetDeviceLoader(
+            train_set.samples, batch_size, train=True, drop_last=drop_last, **aug
+        )
+        test = ImageNetDeviceLoader(test_set.samples, test_b, train=False, **aug)
+    else:
+        train_tf, test_tf = imagenet_transforms(size, cfg.mean, cfg.std)
+        train = ImageNetLoader(
+            train_set,
+            train_tf,
+            batch_size,
+            train=True,
+            drop_last=drop_last,
+            image_size=size,
+            **common,
+        )
+        test = ImageNetLoader(test_set, test_tf, test_b, train=False, image_size=size, **common)
     return train, test, list(train_set.classes)

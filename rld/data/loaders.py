@@ -9,12 +9,14 @@ import torch
 
 from rld.data.device_loader import DeviceLoader
 from rld.data.errors import DataError
+from rld.data.sharding import check_sharding
 from rld.data.sources import ALL_DATASETS, load_dataset
 
 
 @dataclass
 class Loaders:
-    """train/test iterate ``(x, y)`` on the device; both have set_epoch and len."""
+    """train/test iterate ``(x, y)`` (``(x, y, index)`` with `with_index`) on the device;
+    both have set_epoch, len (steps, equal on all ranks), num_samples and rank_samples."""
 
     train: Any  # DeviceLoader | ImageNetLoader
     test: Any
@@ -44,28 +46,40 @@ def build_loaders(
     seed: int,
     drop_last: bool = False,
     test_batch_size: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    with_index: bool = False,
+    decoder: str | None = None,
 ) -> Loaders:
     """Loaders of the data set `cfg` names (a DatasetConfig or a DictConfig with its keys).
 
     CIFAR-sized sets (cifar100, synthetic, digits): `DeviceLoader`s holding each split on the
-    device.  imagenet: DataLoaders over ImageFolder(root/train, root/val) with cfg.workers.
-    The test loader uses `test_batch_size` (default: `batch_size`).
+    device.  imagenet: ImageFolder(root/train, root/val) through the input path `decoder`
+    selects (auto | pil | device; None: ``cfg.decoder`` if set, else auto), cfg.workers
+    workers.  The test loader uses `test_batch_size` (default: `batch_size`).
+
+    Batch sizes are global: rank `rank` of `world_size` data-parallel ranks gets its share
+    of each batch (`rld.data.sharding`; training needs batch_size % world_size == 0).
+    `with_index` makes the loaders yield ``(x, y, index)``, index the int64 rows of the split.
     """
     if int(batch_size) < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    check_sharding(batch_size, rank, world_size)  # before any data is read
+    shard = dict(rank=rank, world_size=world_size, with_index=with_index)
     dev = resolve_device(device)
     name = str(cfg.name)
     if name == "imagenet":
         from rld.data.imagenet import build_imagenet_loaders
 
         train, test, names = build_imagenet_loaders(
-            cfg, batch_size, dev, seed, drop_last=drop_last, test_batch_size=test_batch_size
+            cfg, batch_size, dev, seed, drop_last, test_batch_size, decoder=decoder, **shard
         )
         return Loaders(train, test, len(names), names)
     if name not in ALL_DATASETS:
         raise DataError(f"unknown data set {name!r}; expected one of {', '.join(ALL_DATASETS)}")
     ds = load_dataset(cfg)
-    common = dict(mean=ds.mean, std=ds.std, device=dev, seed=seed)
+    common = dict(mean=ds.mean, std=ds.std, device=dev, seed=seed, **shard)
     train = DeviceLoader(
         ds.train_images, ds.train_labels, batch_size, train=True, drop_last=drop_last, **common
     )

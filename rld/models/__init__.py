@@ -3,7 +3,10 @@ ResNets, the CRD/mdistiller MobileNetV1).
 
 Every model's ``forward(x)`` returns only the logits ``[B, num_classes]``; module names (hence
 ``state_dict`` keys) equal the published ones, so ``cifar_teachers.tar`` checkpoints and
-torchvision ImageNet weights load with ``strict=True`` and no key mapping.
+torchvision ImageNet weights load with ``strict=True`` and no key mapping.  For feature
+distillers every model also has ``forward_features(x) -> Features`` (logits and mdistiller's
+intermediate features), ``stage_channels()`` and ``bn_before_relu()``; ``feature_shapes``
+gives the feature shapes for an input size (see ``features.py``).
 """
 
 from collections.abc import Callable
@@ -12,6 +15,7 @@ from functools import partial
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .features import Features, feature_shapes
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import MobileNetV2
 from .resnet import cifar_resnet, cifar_resnet_v2, imagenet_resnet
@@ -20,7 +24,9 @@ from .shufflenetv2 import ShuffleNetV2
 from .vgg import vgg
 from .wrn import WideResNet
 
-__all__ = ["MODELS", "CheckpointError", "build_model", "load_checkpoint"]
+__all__ = [
+    "MODELS", "CheckpointError", "Features", "build_model", "feature_shapes", "load_checkpoint",
+]
 
 _NARROW, _WIDE = (16, 16, 32, 64), (32, 64, 128, 256)
 

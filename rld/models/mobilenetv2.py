@@ -10,14 +10,23 @@ for width <= 1); no dropout before the classifier.  For 32x32 inputs:
   16, 16, 8, 4, 4, 2, 2; the stride is in each group's first block;
 * ``conv2``: 1x1 conv 160 -> 1280, BN, ReLU; 2x2 average pool (``AvgPool2d(2, ceil_mode)``);
 * ``classifier``: ``Sequential(Linear(1280, classes))``.
+
+Features (mdistiller ``cifar/mobilenetv2.py``): ``feats`` = [``conv1`` output (after its
+ReLU), outputs of block groups 1, 2, 4, 6] (``FEATURE_GROUPS``; 16, 12, 16, 48, 160 channels
+at 16, 16, 8, 4, 2 for 32x32 inputs).  mdistiller gives no ``preact_feats`` for this model;
+ours are the same tensors as ``feats`` (the groups end in a linear bottleneck, no ReLU; the
+stem entry is post-ReLU as in the other models).  ``pooled``: the pooled ``conv2`` output
+(1280).  ``bn_before_relu()`` = the last BN of the last block of groups 1, 2, 4, 6.
 """
 
 from torch import Tensor, nn
 
 from ._init import he_init
+from .features import Features
 
 SETTING = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
            (6, 160, 3, 2), (6, 320, 1, 1)]
+FEATURE_GROUPS = (1, 2, 4, 6)  # block groups whose outputs are features (mdistiller)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
@@ -69,3 +78,19 @@ class MobileNetV2(nn.Module):
         for group in self.blocks:
             x = group(x)
         return self.classifier(self.avgpool(self.conv2(x)).flatten(1))
+
+    def forward_features(self, x: Tensor) -> Features:
+        x = self.conv1(x)
+        feats = [x]
+        for i, group in enumerate(self.blocks):
+            x = group(x)
+            if i in FEATURE_GROUPS:
+                feats.append(x)
+        pooled = self.avgpool(self.conv2(x)).flatten(1)
+        return Features(self.classifier(pooled), feats, list(feats), pooled)
+
+    def stage_channels(self) -> list[int]:
+        return [self.conv1[1].num_features] + [b.num_features for b in self.bn_before_relu()]
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        return [self.blocks[i][-1].conv[-1] for i in FEATURE_GROUPS]

@@ -14,12 +14,23 @@ Shortcuts (all flavours): identity when the block keeps shape, otherwise a proje
 ``1x1 conv(stride, no bias) + BN`` ("option B", also for the CIFAR resnets of the CRD zoo,
 not the zero-padding option A of the original CIFAR ResNet).  The residual is added after
 the last BN of the branch, then one ReLU follows the addition.
+
+Features (mdistiller ``cifar/resnet.py``, ``cifar/resnetv2.py``, ``imagenet/resnet.py``):
+``feats`` = [stem after its ReLU (before the ImageNet max-pool), each stage's output];
+``preact_feats`` = the same before the final ReLU (the last block's ``branch + shortcut``);
+the CIFAR stem entry is post-ReLU in both lists, the ImageNet one is ``bn1(conv1(x))`` in
+``preact_feats``.  ``pooled``: the pooled, flattened last stage.  ``stage_channels()`` has
+one entry per feature, the stem included (mdistiller's resnetv2 / ImageNet ResNets return
+the four stage widths of a ResNet50, ``[256, 512, 1024, 2048]``, without the stem, for every
+depth).  ``bn_before_relu()``: the last BN of each stage's last block (bn2 basic, bn3
+bottleneck); ImageNet: stages 2-4 only, as mdistiller.
 """
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._init import he_init
+from .features import Features, run_stage
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -33,7 +44,8 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; conv1 (3x3) carries the stride."""
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; conv1 (3x3) carries the stride.
+    ``preact(x)`` is the sum before the ReLU."""
 
     expansion = 1
 
@@ -46,10 +58,20 @@ class BasicBlock(nn.Module):
         self.shortcut_name = shortcut_name
         self.register_module(shortcut_name, _shortcut(cin, planes, stride))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def preact(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + getattr(self, self.shortcut_name)(x))
+        return out + getattr(self, self.shortcut_name)(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.preact(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.preact(x)
+        return F.relu(pre), pre
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
 
 
 class Bottleneck(nn.Module):
@@ -70,11 +92,21 @@ class Bottleneck(nn.Module):
         self.shortcut_name = shortcut_name
         self.register_module(shortcut_name, _shortcut(cin, cout, stride))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def preact(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + getattr(self, self.shortcut_name)(x))
+        return out + getattr(self, self.shortcut_name)(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.preact(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.preact(x)
+        return F.relu(pre), pre
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
 
 
 class ResNet(nn.Module):
@@ -95,6 +127,7 @@ class ResNet(nn.Module):
         shortcut_name: str = "downsample",
     ):
         super().__init__()
+        self.imagenet_stem = imagenet_stem
         if imagenet_stem:
             self.conv1 = nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -121,6 +154,28 @@ class ResNet(nn.Module):
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return getattr(self, self.head_name)(self.avgpool(x).flatten(1))
+
+    def _stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward_features(self, x: Tensor) -> Features:
+        stem = self.bn1(self.conv1(x))
+        x = F.relu(stem)
+        feats, preacts = [x], [stem if self.imagenet_stem else x]
+        x = self.maxpool(x)
+        for stage in self._stages():
+            x, pre = run_stage(stage, x)
+            feats.append(x)
+            preacts.append(pre)
+        pooled = self.avgpool(x).flatten(1)
+        return Features(getattr(self, self.head_name)(pooled), feats, preacts, pooled)
+
+    def stage_channels(self) -> list[int]:
+        return [self.bn1.num_features] + [s[-1].last_bn().num_features for s in self._stages()]
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        first = 1 if self.imagenet_stem else 0  # mdistiller's ImageNet ResNets skip stage 1
+        return [stage[-1].last_bn() for stage in self._stages()[first:]]
 
 
 def cifar_resnet(depth: int, filters: tuple[int, int, int, int], num_classes: int) -> ResNet:

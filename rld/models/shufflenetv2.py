@@ -4,12 +4,21 @@ Stem: 1x1 conv 3 -> 24 (no bias), BN, ReLU, no max-pool (32x32 kept).  Three sta
 stride-2 ``DownBlock`` followed by 3, 7, 3 ``BasicBlock``s with 116, 232, 464 channels (maps
 16, 8, 4); then 1x1 conv 464 -> 1024 - BN - ReLU, 4x4 average pool and ``linear``.
 Every block ends with a channel shuffle of 2 groups.
+
+Features (mdistiller ``cifar/ShuffleNetv2.py``): ``feats`` = [stem after its ReLU, layer1..3
+outputs]; ``preact_feats`` = [the same stem tensor, then for each stage's last block
+``cat[x1, branch before its last ReLU]``: *before* the channel shuffle, as mdistiller, so
+``feats[i] == channel_shuffle(relu(preact_feats[i]), 2)``]; ``pooled``: the 4x4-pooled
+``relu(bn2(conv2(layer3)))`` (1024).  ``stage_channels()`` = [24, 116, 232, 464].
+``bn_before_relu()`` raises NotImplementedError as mdistiller's does: a stage's final ReLU
+covers only the branch half of the channels, no BN precedes the whole output.
 """
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .features import Features, run_stage
 from .shufflenetv1 import channel_shuffle
 
 
@@ -30,12 +39,21 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = _conv(c, c, 3, groups=c), nn.BatchNorm2d(c)
         self.conv3, self.bn3 = _conv(c, c), nn.BatchNorm2d(c)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = x[:, : self.split], x[:, self.split :]
+    def _branch(self, x2: Tensor) -> Tensor:
+        """The branch on the second half, before its last ReLU."""
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x[:, : self.split], x[:, self.split :]
+        return channel_shuffle(torch.cat([x1, F.relu(self._branch(x2))], 1), 2)
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, cat[x1, branch before its ReLU])``, the latter unshuffled."""
+        x1, x2 = x[:, : self.split], x[:, self.split :]
+        pre = self._branch(x2)
+        return channel_shuffle(torch.cat([x1, F.relu(pre)], 1), 2), torch.cat([x1, pre], 1)
 
 
 class DownBlock(nn.Module):
@@ -65,6 +83,7 @@ class ShuffleNetV2(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = _conv(3, 24), nn.BatchNorm2d(24)
         cin = 24
+        self.widths = [cin, *out_channels[:3]]  # of the features
         for i, (cout, n) in enumerate(zip(out_channels[:3], num_blocks, strict=True)):
             blocks = [DownBlock(cin, cout)] + [BasicBlock(cout) for _ in range(n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
@@ -77,3 +96,21 @@ class ShuffleNetV2(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.relu(self.bn2(self.conv2(out)))
         return self.linear(F.avg_pool2d(out, 4).flatten(1))
+
+    def forward_features(self, x: Tensor) -> Features:
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats, preacts = [x], [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x, pre = run_stage(stage, x)
+            feats.append(x)
+            preacts.append(pre)
+        pooled = F.avg_pool2d(F.relu(self.bn2(self.conv2(x))), 4).flatten(1)
+        return Features(self.linear(pooled), feats, preacts, pooled)
+
+    def stage_channels(self) -> list[int]:
+        return list(self.widths)
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        raise NotImplementedError(
+            "ShuffleV2 has no BN before its stages' final ReLU (the ReLU covers only half of "
+            "the channels), so it cannot be an OFD teacher; mdistiller does not support it either")

@@ -5,12 +5,19 @@ last ReLU dropped from the Sequential and applied in ``forward`` (so indices are
 and BN 1, 4, 7..).  2x2 max-pool after blocks 0, 1 and 2; after block 3 only for 64x64 inputs,
 so on 32x32 CIFAR images blocks 3 and 4 both run at 4x4.  Then global average pool and a
 single linear layer 512 -> classes (no VGG-style FC stack).
+
+Features (mdistiller ``cifar/vgg.py``): ``feats`` = ``relu(block_i)`` for the five blocks
+(before their max-pool); ``preact_feats`` = [``relu(block0)`` (post-ReLU, as mdistiller),
+``block1..block4`` outputs before their ReLU]; ``pooled`` = the globally pooled ``relu(block4)``
+(after the pooling, 512); ``stage_channels()`` = each block's width; ``bn_before_relu()`` =
+the last BN of blocks 1-4.
 """
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._init import he_init
+from .features import Features
 
 CONFIGS = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -48,6 +55,28 @@ class VGG(nn.Module):
             x = F.max_pool2d(x, 2)
         x = F.relu(self.block4(x))
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def _blocks(self) -> list[nn.Sequential]:
+        return [getattr(self, f"block{i}") for i in range(5)]
+
+    def forward_features(self, x: Tensor) -> Features:
+        h = x.shape[2]
+        feats, preacts = [], []
+        for i, block in enumerate(self._blocks()):
+            pre = block(x)
+            x = F.relu(pre)
+            feats.append(x)
+            preacts.append(x if i == 0 else pre)
+            if i < 3 or (i == 3 and h == 64):
+                x = F.max_pool2d(x, 2)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return Features(self.classifier(pooled), feats, preacts, pooled)
+
+    def stage_channels(self) -> list[int]:
+        return [block[-1].num_features for block in self._blocks()]
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        return [block[-1] for block in self._blocks()[1:]]
 
 
 def vgg(name: str, num_classes: int) -> VGG:

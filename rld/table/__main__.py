@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from .collect import collect_runs
-from .formatting import METRICS
-from .outputs import write_outputs
-from .render import table_markdown
+from .render import table_markdown, write_outputs
+from .runs import collect_runs
+from .summary import METRICS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""The text outputs: each data set's table as Markdown, CSV and LaTeX, each grid as
-Markdown (and its file name), and ``runs.csv``."""
+"""The outputs: each data set's table as Markdown, CSV and LaTeX, each grid as Markdown and
+a PNG heatmap, ``runs.csv``, and writing them all under ``--out``.  Identical input gives
+identical bytes (fixed formats; PNGs without timestamps or software metadata)."""
 
 from __future__ import annotations
 
@@ -7,62 +8,59 @@ import csv
 import io
 import math
 import re
+from pathlib import Path
 
-from .aggregate import Grid, Group
-from .collect import RUN_COLUMNS
-from .formatting import METRIC_TEXT, fmt_point, fmt_stats, fmt_value, method_label
-from .tables import DatasetTable
-from .values import _finite
+from .runs import RUN_COLUMNS, Run
+from .summary import (
+    METRIC_TEXT,
+    SYMBOL,
+    DatasetTable,
+    Grid,
+    PaperRow,
+    build_tables,
+    fmt_point,
+    fmt_stats,
+    fmt_value,
+    method_label,
+    problems_text,
+)
 
 
-def _md_escape(s: str) -> str:
-    return s.replace("|", "\\|")
-
-
+# -- Markdown, CSV, LaTeX tables -----------------------------------------------------------
 def md_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
     """A GitHub pipe table with padded columns (no dependency on tabulate's version)."""
     cols = len(header)
     align = align or ["l"] * cols
-    cells = [[_md_escape(c) for c in header]] + [[_md_escape(c) for c in r] for r in rows]
+    cells = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
     width = [max(3, *(len(r[i]) for r in cells)) for i in range(cols)]
 
-    def line(r):
-        out = []
-        for i, c in enumerate(r):
-            out.append(c.rjust(width[i]) if align[i] == "r" else c.ljust(width[i]))
+    def line(r: list[str]) -> str:
+        out = [c.rjust(width[i]) if align[i] == "r" else c.ljust(width[i]) for i, c in enumerate(r)]
         return "| " + " | ".join(out) + " |"
 
-    sep = []
-    for i in range(cols):
-        sep.append("-" * (width[i] - 1) + ":" if align[i] == "r" else "-" * width[i])
+    sep = ["-" * (width[i] - 1) + ":" if align[i] == "r" else "-" * width[i] for i in range(cols)]
     return "\n".join([line(cells[0]), "| " + " | ".join(sep) + " |", *map(line, cells[1:])])
 
 
 def table_markdown(t: DatasetTable) -> str:
     header = ["Pair"]
     for m in t.methods:
-        header.append(method_label(m))
-        if t.has_paper:
-            header.append("paper (Δ)")
+        header += [method_label(m), "paper (Δ)"] if t.has_paper else [method_label(m)]
     body = []
     for row in t.rows:
         line = [row.pair]
         for m in t.methods:
             c = row.cells[m]
-            line.append(c.ours())
-            if t.has_paper:
-                line.append(c.paper_text())
+            line += [c.ours(), c.paper_text()] if t.has_paper else [c.ours()]
         body.append(line)
-    out = [
-        f"## {t.dataset}",
-        "",
-        f"Metric: {METRIC_TEXT[t.metric]}.",
-        "",
-        md_table(header, body),
-        "",
-    ]
+    out = [f"## {t.dataset}", "", f"Metric: {METRIC_TEXT[t.metric]}.", "", md_table(header, body),
+           ""]  # fmt: skip
     out += [f"- {n}" for n in t.notes]
     return "\n".join(out) + "\n"
+
+
+def _csv_num(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else ""
 
 
 def table_csv(t: DatasetTable) -> str:
@@ -73,7 +71,8 @@ def table_csv(t: DatasetTable) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for row in t.rows:
-        line = [t.dataset, t.metric, row.pair, row.teacher or "", row.student or "", row.teacher_source]
+        line = [t.dataset, t.metric, row.pair, row.teacher or "", row.student or "",
+                row.teacher_source]  # fmt: skip
         for m in t.methods:
             c = row.cells[m]
             line += [
@@ -84,65 +83,39 @@ def table_csv(t: DatasetTable) -> str:
     return buf.getvalue()
 
 
-def _csv_num(v: float) -> str:
-    return f"{v:.4f}" if _finite(v) else ""
-
-
 _TEX_CHARS = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-    "±": r"$\pm$",
-    "β": r"$\beta$",
-    "τ": r"$\tau$",
-    "α": r"$\alpha$",
-    "Δ": r"$\Delta$",
-    "×": r"$\times$",
-    "—": "---",
-    "†": r"\textsuperscript{\dag}",
-    "‡": r"\textsuperscript{\ddag}",
-    "≥": r"$\geq$",
-    "`": "",
-}
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "±": r"$\pm$", "β": r"$\beta$", "τ": r"$\tau$", "α": r"$\alpha$", "Δ": r"$\Delta$",
+    "×": r"$\times$", "—": "---", "†": r"\textsuperscript{\dag}",
+    "‡": r"\textsuperscript{\ddag}", "≥": r"$\geq$", "`": "",
+}  # fmt: skip
 
 
 def tex_escape(s: str) -> str:
     return "".join(_TEX_CHARS.get(ch, ch) for ch in s)
 
 
+def _latex_header(t: DatasetTable) -> list[str]:
+    if not t.has_paper:
+        return [" & ".join(["Pair"] + [tex_escape(method_label(m)) for m in t.methods]) + " \\\\"]
+    head = ["Pair"] + [f"\\multicolumn{{2}}{{c}}{{{tex_escape(method_label(m))}}}"
+                       for m in t.methods]  # fmt: skip
+    rules = " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(t.methods)))
+    sub = " & ".join([""] + ["ours", "paper ($\\Delta$)"] * len(t.methods)) + " \\\\"
+    return [" & ".join(head) + " \\\\", rules, sub]
+
+
 def table_latex(t: DatasetTable) -> str:
     per = 2 if t.has_paper else 1
-    ncols = 1 + per * len(t.methods)
-    spec = "l" + ("cc" if t.has_paper else "c") * len(t.methods)
     lines = [
         "% generated by rld.table; needs \\usepackage{booktabs}",
-        "\\begin{table}[t]",
-        "\\centering",
-        "\\footnotesize",
+        "\\begin{table}[t]", "\\centering", "\\footnotesize",
         f"\\caption{{{tex_escape(t.dataset)}: {tex_escape(METRIC_TEXT[t.metric])}.}}",
         f"\\label{{tab:rld-{tex_escape(t.dataset)}}}",
-        f"\\begin{{tabular}}{{{spec}}}",
-        "\\toprule",
-    ]
-    if t.has_paper:
-        head = ["Pair"] + [
-            f"\\multicolumn{{2}}{{c}}{{{tex_escape(method_label(m))}}}" for m in t.methods
-        ]
-        lines.append(" & ".join(head) + " \\\\")
-        lines.append(
-            " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(t.methods)))
-        )
-        lines.append(" & ".join([""] + ["ours", "paper ($\\Delta$)"] * len(t.methods)) + " \\\\")
-    else:
-        lines.append(" & ".join(["Pair"] + [tex_escape(method_label(m)) for m in t.methods]) + " \\\\")
-    lines.append("\\midrule")
+        f"\\begin{{tabular}}{{l{('cc' if t.has_paper else 'c') * len(t.methods)}}}",
+        "\\toprule", *_latex_header(t), "\\midrule",
+    ]  # fmt: skip
     for row in t.rows:
         cells = [tex_escape(row.pair)]
         for m in t.methods:
@@ -151,92 +124,197 @@ def table_latex(t: DatasetTable) -> str:
             if t.has_paper:
                 cells.append(tex_escape(c.paper_text()))
         lines.append(" & ".join(cells) + " \\\\")
-    lines.append("\\bottomrule")
-    lines.append("\\end{tabular}")
-    lines.append("")
-    lines.append(f"\\par\\smallskip\\begin{{minipage}}{{\\linewidth}}\\scriptsize % {ncols} columns")
-    for n in t.notes:
-        lines.append(tex_escape(n) + "\\par")
-    lines.append("\\end{minipage}")
-    lines.append("\\end{table}")
+    lines += ["\\bottomrule", "\\end{tabular}", "",
+              f"\\par\\smallskip\\begin{{minipage}}{{\\linewidth}}\\scriptsize "
+              f"% {1 + per * len(t.methods)} columns"]  # fmt: skip
+    lines += [tex_escape(n) + "\\par" for n in t.notes]
+    lines += ["\\end{minipage}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def _variant_tag(g: Grid, group: Group) -> str:
-    """The settings that tell this grid from the group's other grids ('' if it is alone)."""
-    if len(group.grids) < 2:
-        return ""
-    keys = {k for gr in group.grids for k, _ in gr.variant}
-    varying = {k for k in keys if len({dict(gr.variant).get(k) for gr in group.grids}) > 1}
-    return ",".join(f"{k}={fmt_value(v)}" for k, v in g.variant if k in varying)
-
-
-def _grid_name(g: Grid, group: Group) -> str:
+# -- grids -----------------------------------------------------------------------------------
+def grid_name(g: Grid) -> str:
+    """File stem of a grid: <pair>_<distiller>[_<tag>]_grid."""
     kind, pair = g.unit
     name = f"{pair}_{kind}"
-    tag = _variant_tag(g, group)
-    if tag:
-        name += "_" + re.sub(r"[^A-Za-z0-9=,.+-]", "", tag)
+    if g.tag:
+        name += "_" + re.sub(r"[^A-Za-z0-9_=,.+-]", "", g.tag)
     return f"{name}_grid"
 
 
-def _cell_text(g: Grid, bt: tuple) -> str:
-    s = g.cells.get(bt)
-    if s is None:
-        return "missing"
-    return fmt_stats(s)
+def axis_label(key: str | None) -> str:
+    return "" if key is None else SYMBOL.get(key, key)
 
 
-def grid_markdown(g: Grid, group: Group, metric: str) -> str:
+def cell_text(g: Grid, row, col) -> str:
+    """A grid cell as text: its statistics, or 'missing' for a point never run."""
+    s = g.cell(row, col)
+    return "missing" if s is None else fmt_stats(s)
+
+
+def grid_markdown(g: Grid, metric: str) -> str:
     kind, pair = g.unit
-    beta_label = "β \\ τ" if any(b is not None for b in g.betas) else "τ"
-    header = [beta_label] + [fmt_value(t) for t in g.taus]
+    corner = (f"{axis_label(g.row_key)} \\ {axis_label(g.col_key)}" if g.row_key
+              else axis_label(g.col_key))  # fmt: skip
     body = []
-    for b in g.betas:
-        line = ["" if b is None else fmt_value(b)]
-        for t in g.taus:
-            text = _cell_text(g, (b, t))
-            if (b, t) == g.best:
-                text = f"**{text}** (best)"
-            line.append(text)
+    for r in g.rows:
+        line = [fmt_value(r) if g.row_key else metric]
+        for c in g.cols:
+            text = cell_text(g, r, c)
+            line.append(f"**{text}** (best)" if g.key(r, c) == g.best else text)
         body.append(line)
-    title = f"# {g.dataset} / {pair} / {method_label(kind)}: β × τ grid"
-    lines = [title, "", f"Metric: {METRIC_TEXT[metric]}; epochs={group.epochs}."]
+    axes = " × ".join(axis_label(a) for a in g.axes)
+    lines = [f"# {g.dataset} / {pair} / {method_label(kind)}: {axes} grid", "",
+             f"Metric: {METRIC_TEXT[metric]}; epochs={g.epochs}."]  # fmt: skip
     if g.variant:
         lines.append(f"Other settings: {fmt_point(g.variant)}.")
-    lines += ["", md_table(header, body), ""]
+    lines += ["", md_table([corner] + [fmt_value(c) for c in g.cols], body), ""]
     if g.best is not None:
-        s = g.cells[g.best]
-        point = fmt_point(tuple(x for x in zip(("beta", "tau"), g.best, strict=True) if x[1] is not None))
-        lines.append(f"- Best: {point}: {fmt_stats(s)}.")
+        best = fmt_point(zip(g.axes, g.best))
+        lines.append(f"- Best: {best}: {fmt_stats(g.cells[g.best])}.")
     else:
         lines.append("- Best: none (no grid point has a finished run).")
-    lines.append(
-        f"- {len(g.betas) * len(g.taus)} cells: {len(g.cells)} run, {g.n_missing} missing, "
-        f"{g.n_failed_points} without a finished run."
-    )
-    if group.other_epochs:
-        lines.append(
-            f"- {group.n_other_epochs} runs with epochs other than {group.epochs} left out."
-        )
+    lines.append(f"- {g.n_cells} cells: {len(g.cells)} run, {g.n_missing} missing, "
+                 f"{g.n_failed_points} without a finished run.")  # fmt: skip
+    if g.n_other_epochs:
+        lines.append(f"- {g.n_other_epochs} runs with epochs other than {g.epochs} left out.")
     return "\n".join(lines) + "\n"
 
 
-def runs_csv(runs: list[dict]) -> str:
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.9, "pad": 2.0}
+
+
+def _grid_data(g: Grid):
+    import numpy as np
+
+    data = np.full((len(g.rows), len(g.cols)), np.nan)
+    for i, r in enumerate(g.rows):
+        for j, c in enumerate(g.cols):
+            s = g.cell(r, c)
+            if s is not None and s.n:
+                data[i, j] = s.mean
+    finite = data[np.isfinite(data)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmax - vmin < 1e-9:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    return data, vmin, vmax
+
+
+def _draw_cell(ax, i: int, j: int, s, vmin: float, vmax: float) -> None:
+    from matplotlib.patches import Rectangle
+
+    if s is None:  # never run: grey, hatched
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#e0e0e0",
+                               edgecolor="#9a9a9a", hatch="//", linewidth=0.5))  # fmt: skip
+        ax.text(j, i, "missing", ha="center", va="center", fontsize=9, color="#404040",
+                fontstyle="italic", bbox=_LABEL_BOX)  # fmt: skip
+    elif not s.n:  # run, but no finished run: pink, cross-hatched
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#f4c7c3",
+                               edgecolor="#c0392b", hatch="xx", linewidth=0.5))  # fmt: skip
+        ax.text(j, i, problems_text(s.statuses).replace(", ", "\n"), ha="center", va="center",
+                fontsize=9, color="#8b0000", fontweight="bold", bbox=_LABEL_BOX)  # fmt: skip
+    else:
+        txt = f"{s.mean:.2f}" + (f"\n± {s.std:.2f}" if s.n > 1 else "") + f"\nn={s.n}"
+        if problems_text(s.statuses):
+            txt += f"\n+{problems_text(s.statuses)}"
+        frac = (s.mean - vmin) / (vmax - vmin)
+        ax.text(j, i, txt, ha="center", va="center", fontsize=9,
+                color="black" if frac > 0.6 else "white")  # fmt: skip
+
+
+def grid_png(g: Grid, metric: str, path: Path) -> None:
+    """The grid as a heatmap: mean over seeds per cell, missing and failed cells hatched,
+    the best cell framed in red."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    data, vmin, vmax = _grid_data(g)
+    nr, nc = data.shape
+    with plt.rc_context({"font.size": 10, "svg.hashsalt": "rld", "path.simplify": True}):
+        fig, ax = plt.subplots(figsize=(min(3.0 + 1.5 * nc, 20.0), min(2.2 + 0.95 * nr, 16.0)),
+                               dpi=100)  # fmt: skip
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#ffffff")
+        im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        for i, r in enumerate(g.rows):
+            for j, c in enumerate(g.cols):
+                _draw_cell(ax, i, j, g.cell(r, c), vmin, vmax)
+        if g.best is not None:
+            i = g.rows.index(g.best[0]) if g.row_key else 0
+            j = g.cols.index(g.best[-1])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e41a1c",
+                                   linewidth=3.5))  # fmt: skip
+            ax.text(j + 0.46, i - 0.44, "best", ha="right", va="top", fontsize=8,
+                    color="#e41a1c", fontweight="bold")  # fmt: skip
+        ax.set_xticks(range(nc), [fmt_value(c) for c in g.cols])
+        if g.row_key:
+            ax.set_yticks(range(nr), [fmt_value(r) for r in g.rows])
+        else:  # one setting: a single row
+            ax.set_yticks([])
+        ax.set_xlabel(axis_label(g.col_key))
+        ax.set_ylabel(axis_label(g.row_key))
+        kind, pair = g.unit
+        title = f"{g.dataset} · {pair} · {method_label(kind)} · {metric} (epochs={g.epochs})"
+        ax.set_title(title + (f"\n{g.tag}" if g.tag else ""), fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(
+            f"{metric} (%) mean over seeds")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+
+
+# -- runs.csv and the files ----------------------------------------------------------------
+def _csv_value(v) -> object:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return v
+
+
+def runs_csv(runs: list[Run]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(RUN_COLUMNS)
     for r in runs:
-        line = []
-        for c in RUN_COLUMNS:
-            v = r[c]
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                line.append("")
-            elif isinstance(v, bool):
-                line.append("true" if v else "false")
-            elif isinstance(v, float):
-                line.append(repr(v))
-            else:
-                line.append(v)
-        w.writerow(line)
+        w.writerow([_csv_value(r.column(c)) for c in RUN_COLUMNS])
     return buf.getvalue()
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_=,.+-]", "_", name)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def write_outputs(runs: list[Run], out: Path, metric: str,
+                  literature: list[PaperRow] | None = None,
+                  ) -> tuple[list[Path], list[DatasetTable]]:  # fmt: skip
+    """Write every output file; returns the paths written and the tables."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "runs.csv"]
+    _write(written[0], runs_csv(runs))
+    tables = build_tables(runs, metric, literature)
+    for t in tables:
+        for ext, fn in (("md", table_markdown), ("csv", table_csv), ("tex", table_latex)):
+            written.append(out / f"{safe_name(t.dataset)}.{ext}")
+            _write(written[-1], fn(t))
+        for g in t.groups:
+            for grid in g.grids:
+                # (not with_suffix: a setting's value may hold a dot, e.g. tau=2.5)
+                md, png = (out / safe_name(t.dataset) / f"{safe_name(grid_name(grid))}.{ext}"
+                           for ext in ("md", "png"))
+                _write(md, grid_markdown(grid, metric))
+                grid_png(grid, metric, png)
+                written += [md, png]
+    return written, tables
