@@ -109,6 +109,12 @@ class TrainerConfig:
     deterministic: bool = True  # deterministic algorithms where the device offers them
     log_every_s: float = 0.5  # progress bar refresh interval
     tensorboard: bool = True  # TensorBoard event files in the run directory (tb/)
+    # data-parallel runs (torchrun, or Slurm with several tasks): batch-norm statistics over
+    # the global batch (SyncBatchNorm) instead of per rank (the reference releases' way)
+    sync_bn: bool = False
+    # data-parallel runs: seconds a collective waits for the other ranks before the job
+    # ends (a dead or hung rank stops the job instead of stalling it)
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -178,6 +184,7 @@ NOT_IN_FINGERPRINT = ("paths.", "hydra.", "hydra/", "hparams", "hparams.", "teac
                       "objective", "sweep", "trainer.device", "trainer.progress",
                       "trainer.resume", "trainer.log_every_s", "trainer.compile",
                       "trainer.compile_mode", "trainer.channels_last", "trainer.tensorboard",
+                      "trainer.dist_timeout_s",
                       "dataset.root", "dataset.download", "dataset.workers", "dataset.decoder")
 # SHOWN_BY_PATH: keys a run directory shows as folders (<dataset>/<pair>/<distiller>/...
 # seed=N); with NOT_IN_FINGERPRINT and the distiller's POINT_KEYS (shown resolved), they are

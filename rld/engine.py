@@ -18,7 +18,7 @@ import fcntl
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from rld import io
 from rld.data import DataError, build_loaders
 from rld.data import resolve_device as resolve_data_device
 from rld.distillers import build_distiller
+from rld.distributed import Group, data_parallel, local_device, process_group
 from rld.loop import Diverged, Progress, TrainState, build_train_state, evaluate, train_epoch
 from rld.models import CheckpointError, build_model, load_checkpoint
 from rld.record import RecordError, RunRecord, read_record
@@ -42,6 +43,7 @@ from rld.reproduce import (
     versions,
 )
 from rld.validate import ConfigError, validate
+from rld.world import World, find_world
 
 log = logging.getLogger("rld")
 
@@ -223,8 +225,13 @@ def teacher_identity(cfg) -> str | None:
 
 
 def run(cfg, run_dir: Path) -> RunRecord:
-    """Train (or resume, or recall) the run of `cfg` in `run_dir`; returns its record."""
-    validate(cfg)
+    """Train (or resume, or recall) the run of `cfg` in `run_dir`; returns its record.
+    Under torchrun or in a Slurm job of several tasks, this process is one rank of a
+    data-parallel run (`run_parallel`)."""
+    world = find_world()
+    validate(cfg, world)
+    if world.distributed:
+        return run_parallel(cfg, run_dir, world)
     rd = RunDir(run_dir)
     fp = fingerprint(cfg, teacher_identity(cfg))
     done = rd.recall(fp)
@@ -235,21 +242,63 @@ def run(cfg, run_dir: Path) -> RunRecord:
         return train(cfg, RunBook(cfg, rd, fp))
 
 
-def train(cfg, book: RunBook) -> RunRecord:
-    """Set up, resume (or evaluate the teacher), train the remaining epochs, finish."""
-    device, dtype = setup_device(cfg.trainer)
+def run_parallel(cfg, run_dir: Path, world: World) -> RunRecord:
+    """This process's part of a data-parallel run of `cfg` on `world.size` processes.
+    Rank 0 takes the decisions (recall, run lock) for all ranks and alone logs and writes
+    the run directory; every rank resumes from the same checkpoint and trains its share of
+    each global batch."""
+    if not world.main:
+        log.setLevel(logging.WARNING)
+    device, _ = setup_device(cfg.trainer, world)
+    rd = RunDir(run_dir)
+    with process_group(world, device, cfg.trainer.dist_timeout_s) as group, ExitStack() as held:
+        fp = agreed_fingerprint(cfg, group)
+        done = group.on_main(lambda: rd.recall(fp))
+        if done is not None:
+            log.info("run already finished (%s): %s", done.status, run_dir)
+            return done
+        group.on_main(lambda: held.enter_context(run_lock(rd.path)))
+        log.info("data-parallel run on %d processes (%s, rank 0 on %s)", world.size,
+                 "nccl" if device.type == "cuda" else "gloo", device)
+        return train(cfg, RunBook(cfg, rd, fp, writes=world.main), group)
+
+
+def agreed_fingerprint(cfg, group: Group) -> dict:
+    """The run's fingerprint, with the teacher identity taken by rank 0 (which alone writes
+    its hash cache); RunError unless every rank composed the same configuration."""
+    fps = group.gather(fingerprint(cfg))
+    odd = [r for r, fp in enumerate(fps) if fp != fps[0]]
+    if odd:
+        diff = config_difference(fps[odd[0]], fps[0]) or ["their keys"]
+        raise RunError(f"the ranks of this job composed different configurations (rank "
+                       f"{odd[0]} differs from rank 0 in {', '.join(diff[:5])}): every rank "
+                       "must run the same command")
+    return fingerprint(cfg, group.on_main(lambda: teacher_identity(cfg)))
+
+
+def train(cfg, book: RunBook, group: Group | None = None) -> RunRecord:
+    """Set up, resume (or evaluate the teacher), train the remaining epochs, finish; as one
+    rank of `group`'s data-parallel run when given."""
+    world = group.world if group is not None else None
+    device, dtype = setup_device(cfg.trainer, world)
     seed_everything(cfg.seed)
-    data = build_data(cfg, device)
+    data = build_data(cfg, device, world)
     teacher = load_teacher(cfg, data.num_classes, device) if distills(cfg) else None
     state, scheduler = build_student(cfg, data, teacher, device, dtype)
+    if group is not None:
+        t = cfg.trainer
+        data_parallel(state, group, sync_bn=t.sync_bn, compile=t.compile,
+                      compile_mode=t.compile_mode)
     found = book.dir.load_checkpoint(book.fp, device) if cfg.trainer.resume else None
+    if group is not None:
+        check_same_start(group, book.dir, found)
     if found is not None:
         load_training_state(state, scheduler, found[0])
         book.restore(*found)
     elif teacher is not None:
         book.teacher_top1, _ = evaluate(state, data.test, predict=teacher, model=teacher)
         log.info("teacher %s: test top-1 %.2f%%", cfg.pair.teacher, book.teacher_top1)
-    book.begin(device, dtype)
+    book.begin(device, dtype, world_size=group.size if group is not None else 1)
     try:
         status, message = train_epochs(cfg, book, state, scheduler, data)
         return book.finish(status, message, student_checkpoint(cfg, state, data))
@@ -257,10 +306,19 @@ def train(cfg, book: RunBook) -> RunRecord:
         book.close()
 
 
+def check_same_start(group: Group, rd: RunDir, found: tuple[dict, Path] | None) -> None:
+    """RunError unless every rank found the same checkpoint (a file system that shows the
+    ranks different files would make them train different models)."""
+    starts = group.gather(None if found is None else (found[1].name, found[0]["epoch"]))
+    if any(s != starts[0] for s in starts):
+        raise RunError(f"the ranks found different checkpoints in {rd.path} ({starts}): is "
+                       "the run directory on a file system that every node sees alike?")
+
+
 def train_epochs(cfg, book: RunBook, state: TrainState, scheduler, data) -> tuple[str, str | None]:
     """Train the epochs the book has not seen; returns (status, message)."""
     t = cfg.trainer
-    progress = Progress(t.progress, t.log_every_s)
+    progress = Progress(t.progress if book.writes else "none", t.log_every_s)
     for epoch in range(book.start, t.epochs + 1):
         e0 = time.time()
         lr = state.optimizer.param_groups[0]["lr"]
@@ -283,25 +341,37 @@ def distills(cfg) -> bool:
     return str(cfg.distiller.name) != "vanilla"
 
 
-def setup_device(t) -> tuple[torch.device, torch.dtype]:
-    """The device and precision of `trainer` settings, with cuDNN/TF32 set for CUDA."""
+def setup_device(t, world: World | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device and precision of `trainer` settings, with cuDNN/TF32 set for CUDA; on
+    `world`, this rank's GPU (`rld.distributed.local_device`), made the current one."""
     device = resolve_device(t.device)
+    if world is not None:
+        device = local_device(device, world)
     if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not t.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device, resolve_precision(t.precision, device)
 
 
-def build_data(cfg, device: torch.device):
-    """The run's train/test loaders (`rld.data.Loaders`)."""
+def build_data(cfg, device: torch.device, world: World | None = None):
+    """The run's train/test loaders (`rld.data.Loaders`); on `world`, this rank's share of
+    every global batch."""
     t = cfg.trainer
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
     try:
         # with the batch's sample indices (CRD's memory): a view of the epoch's order, free
-        return build_loaders(cfg.dataset, t.batch_size, device, cfg.seed, drop_last=t.drop_last,
-                             test_batch_size=max(t.batch_size, 256), with_index=True)
+        data = build_loaders(cfg.dataset, t.batch_size, device, cfg.seed,
+                             drop_last=t.drop_last, test_batch_size=max(t.batch_size, 256),
+                             with_index=True, rank=rank, world_size=size)
     except DataError as e:
         raise RunError(str(e)) from None
+    if data.num_train < size:
+        raise RunError(f"dataset {cfg.dataset.name} has {data.num_train} training samples, "
+                       f"fewer than the {size} ranks of this job")
+    return data
 
 
 def trained_arch(cfg) -> str:
@@ -369,6 +439,9 @@ class RunBook:
     start: int = 1  # the first epoch to train
     record: RunRecord | None = None
     board: TensorBoard | None = None
+    # False: a data-parallel rank other than 0, which keeps the book (history, best) and
+    # writes nothing
+    writes: bool = True
 
     def restore(self, ckpt: dict, path: Path) -> None:
         self.history, self.best = ckpt["history"], ckpt["best"]
@@ -386,8 +459,10 @@ class RunBook:
             device=device_label(device), precision=str(dtype).removeprefix("torch."),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             world_size=world_size, versions=versions())
-        self.record.write(self.dir.path)
-        self.board = TensorBoard(self.dir.path, self.cfg.trainer.tensorboard, self.start)
+        if self.writes:
+            self.record.write(self.dir.path)
+        self.board = TensorBoard(self.dir.path, self.cfg.trainer.tensorboard and self.writes,
+                                 self.start)
         if self.history and self.start > 1:
             self.board.epoch(self.history[-1])  # in case the last process died before it
 
@@ -401,6 +476,8 @@ class RunBook:
                      "  top5 %.2f%%  %.1fs", row["epoch"], t.epochs, row["lr"], row["loss"],
                      row["train_top1"], row["test_top1"], self.best, row["test_top5"],
                      row["seconds"])
+        if not self.writes:
+            return
         self.dir.write_history(self.history)
         self.dir.save_checkpoint({
             **training, "epoch": row["epoch"], "best": self.best, "history": self.history,
@@ -419,6 +496,8 @@ class RunBook:
         rec.epochs_done = len(self.history)
         rec.wall_s = round(time.time() - self.t0, 3)
         rec.teacher_top1 = self.teacher_top1
+        if not self.writes:
+            return rec
         if status == "completed":
             ckpt = {**student, "top1": rec.top1}
             io.save_torch(self.dir.path / RunDir.STUDENT, ckpt)

@@ -48,6 +48,9 @@ class TrainState:
     cudagraphs: bool = False  # compiled callables replay CUDA graphs: mark each step's start
     # sums a tensor over the processes of a data-parallel run (None: one process)
     all_reduce: Callable[[Tensor], Tensor] | None = None
+    # one rank of a data-parallel run (rld.distributed.DataParallel: loss_scales(loader),
+    # after_backward(), end_epoch()); None: one process
+    parallel: Any = None
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -124,8 +127,12 @@ def _detached_copy(out: Any) -> Any:
     return out
 
 
-def train_step(s: TrainState, x: Tensor, y: Tensor, epoch: int, index: Tensor | None = None):
+def train_step(s: TrainState, x: Tensor, y: Tensor, epoch: int, index: Tensor | None = None,
+               loss_scale: float | None = None):
     """One optimisation step; returns (loss terms, total loss, student logits), on device.
+
+    `loss_scale` multiplies the loss that is differentiated (not the returned one): a rank
+    of a data-parallel run scales its mean over b_r samples by b_r * W / B.
 
     With CUDA graphs, compiled outputs live in memory that the next step's replay
     overwrites: the gradients are dropped before the forward, and the returned logits are a
@@ -142,17 +149,41 @@ def train_step(s: TrainState, x: Tensor, y: Tensor, epoch: int, index: Tensor | 
                 out_t = _detached_copy(s.teacher_forward(x))
         terms = s.distiller.terms(out, out_t, y, epoch, index)
     loss = torch.stack(list(terms.values())).sum()
-    if s.scaler is not None:
-        s.scaler.scale(loss).backward()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-    else:
-        loss.backward()
-        s.optimizer.step()
+    _descend(s, loss if loss_scale is None or loss_scale == 1.0 else loss * loss_scale)
     logits = out.logits if s.distiller.needs_features else out
     if s.cudagraphs:
         logits = logits.detach().clone()
     return terms, loss, logits
+
+
+def _descend(s: TrainState, loss: Tensor) -> None:
+    """Backward pass of `loss` and the optimiser's step (through the gradient scaler with
+    fp16; the gradients of a data-parallel rank agreed between the two)."""
+    if s.scaler is not None:
+        s.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if s.parallel is not None:
+        s.parallel.after_backward()
+    if s.scaler is not None:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        s.optimizer.step()
+
+
+def empty_step(s: TrainState, x: Tensor) -> None:
+    """A data-parallel rank's empty share of a last global batch (`rld.data.sharding`):
+    the student's forward and a zero loss, so that the rank takes part in the gradient
+    all-reduce and steps with the others' gradients (the losses would be means over no
+    sample).  No teacher, no distiller."""
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    with s.autocast():
+        out = s.forward(s.inputs(x))
+    logits = out.logits if s.distiller.needs_features else out
+    _descend(s, logits.float().sum() * 0.0)
 
 
 class Progress:
@@ -203,23 +234,31 @@ def train_epoch(s: TrainState, loader, epoch: int, epochs: int, progress: Progre
     run they are summed over the processes first, so every process returns the whole
     epoch's numbers."""
     s.train()
-    sums, count = None, 0
+    sums, count, names = None, 0, []
     first_bad = torch.full((), -1.0, device=s.device)
+    scales = s.parallel.loss_scales(loader) if s.parallel is not None else None
     progress.start(epoch, epochs, len(loader))
     for step, (x, y, index) in enumerate(_batches(loader, s.distiller.needs_index)):
-        terms, loss, logits = train_step(s, x, y, epoch, index)
-        with torch.no_grad():
-            n = y.shape[0]
-            count += n  # batch sizes are host metadata: no device read
-            row = torch.stack([*(t.detach() * n for t in terms.values()), loss.detach() * n,
-                               (logits.argmax(1) == y).sum().float()])
-            sums = row if sums is None else sums + row
-            bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, step + 1), first_bad)
+        n = y.shape[0]  # batch sizes are host metadata: no device read
+        if n == 0:  # this rank's empty share of the last global batch (never its first)
+            empty_step(s, x)
+        else:
+            terms, loss, logits = train_step(s, x, y, epoch, index,
+                                             None if scales is None else scales[step])
+            names = list(terms)
+            with torch.no_grad():
+                count += n
+                row = torch.stack([*(t.detach() * n for t in terms.values()),
+                                   loss.detach() * n, (logits.argmax(1) == y).sum().float()])
+                sums = row if sums is None else sums + row
+                bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+                first_bad = torch.where(bad, torch.full_like(first_bad, step + 1), first_bad)
         progress.update(lambda total=sums[-2], n=count: total.item() / n)
     progress.end()
     if sums is None:
         raise ValueError("the training loader gave no batch")
+    if s.parallel is not None:
+        s.parallel.end_epoch()
     bad = (first_bad > 0).float()
     stats = torch.cat([sums.float(), torch.stack([torch.full_like(bad, count), bad,
                                                   first_bad.clamp(min=0) * bad])])
@@ -228,7 +267,7 @@ def train_epoch(s: TrainState, loader, epoch: int, epochs: int, progress: Progre
     *values, n, n_bad, bad_steps = stats.tolist()  # the epoch's one host read
     if n_bad > 0:  # the first non-finite step (averaged over the processes that saw one)
         raise Diverged(f"non-finite loss at epoch {epoch}, step {round(bad_steps / n_bad)}")
-    out = {f"loss_{name}": v / n for name, v in zip(terms, values)}
+    out = {f"loss_{name}": v / n for name, v in zip(names, values)}
     out["loss"] = values[-2] / n
     out["train_top1"] = 100.0 * values[-1] / n
     return out

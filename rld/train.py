@@ -7,6 +7,12 @@
 Returns the metric named by `objective` (NaN for a diverged or failed run) so that Hydra's
 sweepers can optimise it.  Bad input stops a single run with one line on stderr and exit
 code 2; inside a multirun a failed point is logged and the sweep goes on.
+
+Under torchrun every process runs this command; the ranks other than 0 leave the run
+directory to rank 0: no `.hydra/`, no `train.log` (`rank_overrides`), no files from the
+engine, log messages from warnings up only.
+
+    torchrun --nproc_per_node=8 -m rld.train dataset=imagenet pair=resnet34_resnet18
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rld.config import register_configs
+from rld.world import find_world
 
 register_configs()
 log = logging.getLogger("rld")
@@ -42,17 +49,32 @@ def main(cfg: DictConfig) -> float:
             print(f"rld.train: error: {e}", file=sys.stderr)
             sys.exit(2)
         log.error("this grid point failed: %s", e)
-        engine.record_failure(cfg, run_dir, str(e))
+        if find_world().main:
+            engine.record_failure(cfg, run_dir, str(e))
         return float("nan")
     except Exception as e:
         if not multirun:
             raise
         # one broken point must not take the sweep down: record it and go on
         log.error("this grid point failed:\n%s", traceback.format_exc())
-        engine.record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
+        if find_world().main:
+            engine.record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
         return float("nan")
     return record.objective(cfg.objective)
 
 
+def rank_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides for a rank other than 0 of a data-parallel run (none for rank 0 or
+    one process): no `.hydra/` files, and logs to the console (stdout) instead of the run's
+    `train.log`, unless the command chose its own `hydra/job_logging`."""
+    if find_world().main:
+        return []
+    out = ["hydra.output_subdir=null"]
+    if not any(a.startswith(("hydra/job_logging=", "hydra.job_logging")) for a in argv):
+        out.append("hydra/job_logging=stdout")
+    return out
+
+
 if __name__ == "__main__":
+    sys.argv += rank_overrides(sys.argv[1:])
     main()

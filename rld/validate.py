@@ -30,8 +30,9 @@ def _choice(key: str, value, allowed) -> None:
     _require(value in allowed, key, value, f"use one of {', '.join(map(str, allowed))}")
 
 
-def validate(cfg) -> None:
-    """Raise ConfigError for the first bad value in `cfg` (a composed TrainConfig)."""
+def validate(cfg, world=None) -> None:
+    """Raise ConfigError for the first bad value in `cfg` (a composed TrainConfig), for a
+    run on `world` (a `rld.distributed.World`; None: one process)."""
     from rld.models import MODELS
 
     d, t, o = cfg.distiller, cfg.trainer, cfg.optim
@@ -59,6 +60,13 @@ def validate(cfg) -> None:
              "epochs >= 1")
     _require(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1")
     _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
+    _require(t.dist_timeout_s > 0, "trainer.dist_timeout_s", t.dist_timeout_s, "must be > 0")
+    if world is not None:
+        from rld.world import world_problem
+
+        problem = world_problem(cfg, world)
+        if problem is not None:
+            _require(False, *problem)
     _require(cfg.dataset.num_classes >= 2, "dataset.num_classes", cfg.dataset.num_classes,
              "must be >= 2")
     device = str(t.device)

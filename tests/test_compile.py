@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rld.bench.common import distiller_config
 from rld.config import TrainerConfig
 from rld.distillers import build_distiller
-from rld.bench.common import distiller_config
 from rld.loop import build_train_state, evaluate, train_step
 from rld.validate import COMPILE_MODES, ConfigError, validate
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rld import losses
 from rld.losses import dkd_loss, kd_loss, mcd_loss, rld_loss, scd_loss, standardize_logits
 
 

@@ -430,7 +430,7 @@ def test_old_layout_without_record_is_incomplete(tmp_path: Path):
                   record=False, tau="${oc.select:pair.loss_defaults.kd.tau,4.0}")  # fmt: skip
     # a config naming a resolver only Hydra's process knows: the rest still resolves
     d2 = write_run(s, "t/cifar100/vgg13_vgg8/rld/beta=2,tau=4/seed=0", distiller="rld",
-                   record=False, beta=2.0, kd_weight="${hydra:runtime.num}")  # fmt: skip
+                   record=False, beta=2.0, kd_weight="${not_registered:runtime.num}")  # fmt: skip
     # a config that is not even YAML: what the path says
     d3 = write_run(s, "t/digits/tiny/dkd/beta=1,tau=4/seed=5", record=False)
     (d3 / ".hydra" / "config.yaml").write_text("{ not: yaml: at all\n")
@@ -442,7 +442,7 @@ def test_old_layout_without_record_is_incomplete(tmp_path: Path):
     rld = runs[str(d2.relative_to(tmp_path))]
     assert (rld.status, rld.distiller, rld.settings["beta"], rld.epochs) == (
         "incomplete", "rld", 2.0, 240)
-    assert rld.settings["kd_weight"] == "${hydra:runtime.num}"  # as written
+    assert rld.settings["kd_weight"] == "${not_registered:runtime.num}"  # as written
     bad = runs[str(d3.relative_to(tmp_path))]
     assert (bad.status, bad.dataset, bad.pair, bad.distiller, bad.seed) == (
         "incomplete", "digits", "tiny", "dkd", 5)

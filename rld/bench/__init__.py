@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m rld.bench {data,step,epoch} [options]``.
+"""Benchmarks: ``python -m rld.bench {data,step,epoch,grid} [options]``.
 
 Each subcommand is a module ``rld.bench.<name>`` with ``main(argv: list[str]) -> int``,
 imported only when asked for.
@@ -9,4 +9,6 @@ SUBCOMMANDS = {
             "(--dataset imagenet: PIL workers vs decoding on the device)",
     "step": "time of one training step",
     "epoch": "time of one training epoch",
+    "grid": "K grid points trained packed (one process, one teacher forward) against one "
+            "after another",
 }

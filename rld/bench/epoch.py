@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import torch
 
     from rld.bench.common import device_name, distiller_config, synthetic_cifar
-    from rld.bench.step import _pair, bench_step, compile_note
+    from rld.bench.step import Pair, bench_state, compile_note
     from rld.distillers import build_distiller
     from rld.engine import resolve_device, resolve_precision
     from rld.io import write_text
@@ -125,13 +125,14 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     images = args.images or (50000 if cuda else 5000)
     ds = synthetic_cifar(images)
-    teacher_arch, student_arch = _pair(args.pair)
+    pair = Pair(args.pair)
     warm = 20 if cuda else 2
 
     def step(dtype, channels_last, compile, compile_mode="default"):
         torch.manual_seed(0)
-        return bench_step(student_arch, build_model(teacher_arch, 100), build_distiller(distiller_config("rld")),
-                          device, dtype, channels_last, compile, compile_mode)
+        student, teacher = build_model(pair.student, 100), build_model(pair.teacher, 100)
+        return bench_state(student, teacher, build_distiller(distiller_config("rld")), device,
+                           dtype, compile, compile_mode, channels_last)
 
     fast_dtype = resolve_precision(args.precision, device)
     fast_step = step(fast_dtype, True, args.compile, args.compile_mode)

@@ -1,15 +1,17 @@
-"""``python -m rld.bench step``: milliseconds per training batch of each distiller.
+"""``python -m rld.bench step``: time of one training step per method (the supplement's Figure 2).
 
-The supplement's Figure 2: for one pair (default resnet32x4 -> resnet8x4) on the current
-device, the median time of one training step (student forward/backward, teacher forward,
-loss, SGD update; batch 64) for vanilla, KD, DKD and RLD, with the extra trainable
-parameters each method adds (0 for logit methods), and optionally each method's top-1
-from `results/runs.csv`.  The methods are timed round-robin, one step each in turn, so
-drifts of the machine's speed hit all of them alike; CUDA steps are synchronised.
-With --compile, compilation (and CUDA-graph capture) happens in the untimed warm-up, whose
-time is printed apart, with the number of graphs compiled while timing (should be 0).
-Writes `efficiency.csv` and `efficiency.png` (batch time against top-1, circle size by
-extra parameters).
+For one pair (default resnet32x4 -> resnet8x4, batch 64) on the current device: the median
+time of one training step (student forward/backward, teacher forward, loss, the extra
+modules, SGD update) of vanilla, KD, FitNet, OFD, ReviewKD, CRD, DKD and RLD, the images/s it
+gives, the extra parameters each method adds (counted as the reference releases count them),
+and each method's top-1: measured (the best grid point of `results/runs.csv`, from `make
+table`) when runs of the pair exist, else the value reported in the literature, labelled so.
+The methods are timed round-robin, one step each in turn, on one fixed random batch, so
+drifts of the machine's speed hit all of them alike; CUDA steps are synchronised.  With
+--compile, compilation (and CUDA-graph capture) happens in the untimed warm-up, whose time is
+printed apart, with the number of graphs compiled while timing (should be 0).  Writes
+`efficiency.csv` and `efficiency.png` (ms per batch against top-1, circle area by extra
+parameters, the device in the title).
 """
 
 from __future__ import annotations
@@ -17,81 +19,135 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from copy import deepcopy
 from pathlib import Path
 
 from rld.validate import COMPILE_MODES
 
-METHODS = ("vanilla", "kd", "dkd", "rld")
+METHODS = ("vanilla", "kd", "fitnet", "ofd", "reviewkd", "crd", "dkd", "rld")
+LOGIT_METHODS = ("vanilla", "kd", "dkd", "rld")
+CIFAR_TRAIN_SIZE = 50_000  # CRD's memory holds one row per training sample
+IMAGENET_TRAIN_SIZE = 1_281_167
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m rld.bench step",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="python -m rld.bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default="resnet32x4_resnet8x4", help="a conf/pair/ name")
+    p.add_argument("--methods", default="",
+                   help=f"comma-separated, of {','.join(METHODS)} (default: all on CIFAR "
+                        f"pairs; {','.join(LOGIT_METHODS)} on ImageNet pairs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=0,
-        help="timed steps per method (default: 200 on CUDA, 30 on CPU)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=0,
-        help="untimed steps per method first (default: 20 on CUDA, 3 on CPU)",
-    )
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="default: 64 (CIFAR pairs, the recipe), 256 (ImageNet pairs)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per method (default: 200 on CUDA, 30 on CPU)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed steps per method first (default: 20 on CUDA, 3 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile models and loss")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="with --compile (reduce-overhead, max-autotune: CUDA graphs)")
-    p.add_argument(
-        "--runs",
-        default="results/runs.csv",
-        help="runs.csv of `make table` for the top-1 column ('' for none)",
-    )
+    p.add_argument("--runs", default="results/runs.csv",
+                   help="runs.csv of `make table` for measured top-1 ('' for none)")
     p.add_argument("--out", default="results", help="folder for efficiency.csv/.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)}; use {', '.join(METHODS)}")
+    return args
 
 
-def _pair(name: str) -> tuple[str, str]:
-    from omegaconf import OmegaConf
+class Pair:
+    """A conf/pair/ file's teacher and student, and the input they take."""
 
-    path = Path(__file__).resolve().parents[2] / "conf" / "pair" / f"{name}.yaml"
-    if not path.exists():
-        raise SystemExit(f"rld.bench step: --pair {name!r}: no conf/pair/{name}.yaml")
-    pair = OmegaConf.load(path)
-    return pair.teacher, pair.student
+    def __init__(self, name: str):
+        from omegaconf import OmegaConf
+
+        from rld.models import MODELS
+
+        path = Path(__file__).resolve().parents[2] / "conf" / "pair" / f"{name}.yaml"
+        if not path.exists():
+            raise SystemExit(f"rld.bench: --pair {name!r}: no conf/pair/{name}.yaml")
+        conf = OmegaConf.load(path)
+        self.name, self.teacher, self.student = name, str(conf.teacher), str(conf.student)
+        self.family = "cifar" if self.student in MODELS["cifar"] else "imagenet"
+        cifar = self.family == "cifar"
+        self.dataset = "cifar100" if cifar else "imagenet"
+        self.num_classes, self.image_size = (100, 32) if cifar else (1000, 224)
+        self.train_size = CIFAR_TRAIN_SIZE if cifar else IMAGENET_TRAIN_SIZE
 
 
-def _top1(runs_csv: str, pair: str) -> dict[str, float]:
-    """Best mean top1_best per distiller of this pair (role=student) from runs.csv."""
+def measured_top1(runs_csv: str, pair: str) -> dict[str, float]:
+    """Per distiller, the best mean top1_best over its points (its settings as grouped by
+    `rld.config.DISTILLER_SETTINGS`) of this pair's finished student runs in runs.csv."""
     if not runs_csv or not Path(runs_csv).exists():
         return {}
     import pandas as pd
 
+    from rld.config import DISTILLER_SETTINGS
+
     df = pd.read_csv(runs_csv)
     df = df[(df["pair"] == pair) & (df["role"] == "student") & (df["status"] == "completed")]
-    if df.empty:
-        return {}
-    means = df.groupby(["distiller", "beta", "tau"], dropna=False)["top1_best"].mean()
-    return {d: float(v.max()) for d, v in means.groupby(level=0)}
+    out = {}
+    for name, runs in df.groupby("distiller"):
+        keys = [k for k in DISTILLER_SETTINGS.get(name, ()) if k in runs.columns]
+        means = runs.groupby(keys, dropna=False)["top1_best"].mean() if keys else \
+            runs["top1_best"]
+        out[str(name)] = float(means.max() if keys else means.mean())
+    return out
 
 
-def bench_step(student_arch: str, teacher, distiller, device, dtype, channels_last: bool,
-               compile: bool, compile_mode: str):
-    """A `TrainState` of the CIFAR-100 recipe (SGD lr 0.05, momentum 0.9, wd 5e-4) for a
-    fresh `student_arch` (100 classes) under `teacher` (a module, or None)."""
+def reported_top1(pair: Pair) -> dict[str, float]:
+    """The literature's top-1 of each method for this pair (packaged CSVs)."""
+    from rld.table.summary import load_literature
+
+    for row in load_literature():
+        if (row.dataset, row.teacher, row.student) == (pair.dataset, pair.teacher, pair.student):
+            values = dict(row.values)
+            if "student" in values:
+                values["vanilla"] = values["student"]
+            return values
+    return {}
+
+
+def bench_state(student, teacher, distiller, device, dtype, compile: bool = False,
+                compile_mode: str = "default", channels_last: bool = True):
+    """A `TrainState` of the CIFAR-100 recipe (SGD lr 0.05, momentum 0.9, wd 5e-4) for the
+    module `student` under `teacher` (a module, or None)."""
     from rld.loop import build_train_state
+
+    return build_train_state(student, teacher, distiller, device=device, dtype=dtype,
+                             channels_last=channels_last, compile=compile,
+                             compile_mode=compile_mode, lr=0.05, momentum=0.9,
+                             weight_decay=5e-4)
+
+
+def build_states(pair: Pair, methods, device, dtype, compile: bool, compile_mode: str) -> dict:
+    """A TrainState per method, each with its own student (the same initial weights) and
+    extra modules, sharing one teacher (a copy for methods that run it in training mode)."""
+    import torch
+
+    from rld.bench.common import distiller_config
+    from rld.distillers import build_distiller
     from rld.models import build_model
 
-    return build_train_state(build_model(student_arch, 100), teacher, distiller, device=device,
-                      dtype=dtype, channels_last=channels_last, compile=compile,
-                      compile_mode=compile_mode, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(0)
+    teacher = build_model(pair.teacher, pair.num_classes, pair.family).eval()
+    student = build_model(pair.student, pair.num_classes, pair.family)
+    labels = torch.arange(pair.train_size) % pair.num_classes
+    states = {}
+    for name in methods:
+        s = deepcopy(student)
+        distiller = build_distiller(distiller_config(name), student=s, teacher=teacher,
+                                    image_size=pair.image_size, num_train=pair.train_size,
+                                    train_labels=labels.to(device))
+        t = None
+        if distiller.needs_teacher:  # its own copy where training changes the teacher
+            t = deepcopy(teacher) if distiller.teacher_train else teacher
+        states[name] = bench_state(s, t, distiller, device, dtype, compile, compile_mode)
+    return states
 
 
 def compiled_graphs() -> int:
@@ -108,59 +164,66 @@ def compile_note(compile: bool) -> str:
     return f"; CUDA-graph skips: {counters['inductor']['cudagraph_skips']}" if compile else ""
 
 
-def measure(
-    pair: str,
-    device,
-    dtype,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    compile: bool = False,
-    compile_mode: str = "default",
-) -> tuple[dict[str, list[float]], float, int]:
+def measure(states: dict, pair: Pair, device, batch_size: int, steps: int, warmup: int):
     """Per-step seconds of each method, timed round-robin on one fixed random batch, the
     seconds of the untimed warm-up (compilation included) and the graphs compiled while
     timing."""
     import torch
 
-    from rld.bench.common import distiller_config
-    from rld.distillers import build_distiller
+    from rld.bench.common import sync
     from rld.loop import train_step
-    from rld.models import build_model
 
-    teacher_arch, student_arch = _pair(pair)
-    torch.manual_seed(0)
-    x = torch.randn(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 100, (batch_size,), device=device)
-    teacher = build_model(teacher_arch, 100)
-    steps_by = {}
-    for name in METHODS:
-        distiller = build_distiller(distiller_config(name))
-        steps_by[name] = bench_step(student_arch, teacher if distiller.needs_teacher else None,
-                                    distiller, device, dtype, True, compile, compile_mode)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch_size, 3, pair.image_size, pair.image_size, generator=g).to(device)
+    y = torch.randint(0, pair.num_classes, (batch_size,), generator=g).to(device)
+    index = torch.randperm(pair.train_size, generator=g)[:batch_size].to(device)
 
     def one(name: str) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
-        train_step(steps_by[name], x, y, epoch=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        train_step(states[name], x, y, 1, index)
+        sync(device)
         return time.perf_counter() - t0
 
-    for s in steps_by.values():
+    for s in states.values():
         s.train()
     t0 = time.perf_counter()
     for _ in range(warmup):
-        for name in METHODS:
+        for name in states:
             one(name)
     warm_s = time.perf_counter() - t0
     graphs = compiled_graphs()
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    times: dict[str, list[float]] = {name: [] for name in states}
     for _ in range(steps):
-        for name in METHODS:
+        for name in states:
             times[name].append(one(name))
     return times, warm_s, compiled_graphs() - graphs
+
+
+def efficiency_rows(args, pair: Pair, states: dict, times: dict, dtype, device_label: str,
+                    warm_s: float) -> list[dict]:
+    """One row per method: timing, extra parameters, top-1 (measured or reported)."""
+    from rld.table.summary import method_label
+
+    measured, reported = measured_top1(args.runs, pair.name), reported_top1(pair)
+    kd_ms = statistics.median(times["kd"]) * 1e3 if "kd" in times else None
+    rows = []
+    for name, samples in times.items():
+        ms = statistics.median(samples) * 1e3
+        top1, source = measured.get(name), "measured"
+        if top1 is None:
+            top1, source = reported.get(name), "reported" if name in reported else ""
+        rows.append({
+            "method": "vanilla" if name == "vanilla" else method_label(name),
+            "ms_per_batch": round(ms, 4), "images_per_s": round(args.batch_size / ms * 1e3, 1),
+            "vs_kd": round(ms / kd_ms, 4) if kd_ms else None,
+            "extra_params": states[name].distiller.extra_parameters(),
+            "top1": top1, "top1_source": source, "device": device_label,
+            "precision": str(dtype).removeprefix("torch."), "batch_size": args.batch_size,
+            "steps": len(samples), "pair": pair.name,
+            "compile": f"compile {args.compile_mode}" if args.compile else "eager",
+            "warmup_s": round(warm_s, 2)})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -169,89 +232,73 @@ def main(argv=None) -> int:
 
     from rld.bench.common import device_name
     from rld.engine import resolve_device, resolve_precision
-    from rld.io import write_text
+    from rld.io import write_csv
 
+    pair = Pair(args.pair)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     cuda = device.type == "cuda"
-    steps = args.steps or (200 if cuda else 30)
-    warmup = args.warmup or (20 if cuda else 3)
-    compiled = f"compile {args.compile_mode}" if args.compile else "eager"
-    times, warm_s, late = measure(
-        args.pair, device, dtype, args.batch_size, steps, warmup, args.compile, args.compile_mode
-    )
-    top1 = _top1(args.runs, args.pair)
+    args.batch_size = args.batch_size or (64 if pair.family == "cifar" else 256)
+    methods = args.methods or list(METHODS if pair.family == "cifar" else LOGIT_METHODS)
+    steps, warmup = args.steps or (200 if cuda else 30), args.warmup or (20 if cuda else 3)
+    states = build_states(pair, methods, device, dtype, args.compile, args.compile_mode)
+    times, warm_s, late = measure(states, pair, device, args.batch_size, steps, warmup)
     name = device_name(device)
-    kd_ms = statistics.median(times["kd"]) * 1e3
-    rows = []
-    for method in METHODS:
-        ms = statistics.median(times[method]) * 1e3
-        rows.append(
-            {
-                "method": method.upper() if method != "vanilla" else "vanilla",
-                "ms_per_batch": ms,
-                "vs_kd": ms / kd_ms,
-                "extra_params": 0,
-                "top1": top1.get(method),
-                "device": name,
-                "precision": str(dtype).removeprefix("torch."),
-                "batch_size": args.batch_size,
-                "steps": steps,
-                "pair": args.pair,
-                "compile": compiled,
-                "warmup_s": warm_s,
-            }
-        )
+    rows = efficiency_rows(args, pair, states, times, dtype, name, warm_s)
     out = Path(args.out)
-    header = list(rows[0])
-    lines = [",".join(header)] + [
-        ",".join(
-            "" if r[k] is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]))
-            for k in header
-        )
-        for r in rows
-    ]
-    write_text(out / "efficiency.csv", "\n".join(lines) + "\n")
-    _plot(rows, out / "efficiency.png", name)
-    print(
-        f"training step, {args.pair}, batch {args.batch_size}, {steps} steps/method, "
-        f"{rows[0]['precision']}, {compiled}, on {name} (torch {torch.__version__})"
-    )
-    print(
-        f"untimed warm-up ({warmup} steps/method{', compilation included' * args.compile}): "
-        f"{warm_s:.1f} s; graphs compiled while timed: {late}{compile_note(args.compile)}"
-    )
-    print(f"{'method':<8} {'ms/batch':>9} {'vs KD':>7} {'extra params':>13} {'top-1':>7}")
+    write_csv(out / "efficiency.csv", rows)
+    plot(rows, out / "efficiency.png")
+    print(f"training step, {pair.name}, batch {args.batch_size}, {steps} steps/method, "
+          f"{rows[0]['precision']}, {rows[0]['compile']}, on {name} (torch {torch.__version__})")
+    print(f"untimed warm-up ({warmup} steps/method{', compilation included' * args.compile}): "
+          f"{warm_s:.1f} s; graphs compiled while timed: {late}{compile_note(args.compile)}")
+    print(f"{'method':<9} {'ms/batch':>9} {'images/s':>9} {'vs KD':>6} {'extra params':>13} "
+          f"{'top-1':>13}")
     for r in rows:
-        t = "" if r["top1"] is None else f"{r['top1']:.2f}"
-        print(
-            f"{r['method']:<8} {r['ms_per_batch']:>9.2f} {r['vs_kd']:>7.3f} "
-            f"{r['extra_params']:>13} {t:>7}"
-        )
-    print(f"RLD/KD batch-time ratio: {rows[3]['vs_kd']:.3f}")
+        top1 = "" if r["top1"] is None else f"{r['top1']:.2f} ({r['top1_source']})"
+        vs = "" if r["vs_kd"] is None else f"{r['vs_kd']:.3f}"
+        print(f"{r['method']:<9} {r['ms_per_batch']:>9.2f} {r['images_per_s']:>9.0f} {vs:>6} "
+              f"{r['extra_params']:>13,} {top1:>13}")
+    if "rld" in times and "kd" in times:
+        print(f"RLD/KD batch-time ratio: {rows[methods.index('rld')]['vs_kd']:.3f}")
     print(f"wrote {out / 'efficiency.csv'} and {out / 'efficiency.png'}")
     return 0
 
 
-def _plot(rows: list[dict], path: Path, device: str) -> None:
+def plot(rows: list[dict], path: Path) -> None:
+    """The supplement's Figure 2: x = ms per batch, y = top-1, circle area proportional to
+    the extra parameters (with a floor, so methods that add none still show), each method
+    labelled; hollow circles where the top-1 is the literature's, not measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     have_top1 = all(r["top1"] is not None for r in rows)
+    biggest = max([r["extra_params"] for r in rows] + [1])
     for i, r in enumerate(rows):
-        yv = r["top1"] if have_top1 else i
-        ax.scatter(r["ms_per_batch"], yv, s=200 + r["extra_params"] / 1e3, alpha=0.6)
-        ax.annotate(r["method"], (r["ms_per_batch"], yv), textcoords="offset points", xytext=(8, 4))
+        y = r["top1"] if have_top1 else i
+        area = 60 + 2400 * r["extra_params"] / biggest
+        measured = r["top1_source"] == "measured"
+        ax.scatter(r["ms_per_batch"], y, s=area, alpha=0.45 if measured else 0.9,
+                   facecolors=None if measured else "none", edgecolors=f"C{i}",
+                   color=f"C{i}" if measured else None, linewidths=1.5)
+        extra = f" (+{r['extra_params'] / 1e6:.2f}M)" if r["extra_params"] else ""
+        ax.annotate(r["method"] + extra, (r["ms_per_batch"], y), textcoords="offset points",
+                    xytext=(7, 5), fontsize=8)
     ax.set_xlabel("training time per batch (ms)")
     if have_top1:
-        ax.set_ylabel("top-1 (%)")
+        sources = {r["top1_source"] for r in rows}
+        ax.set_ylabel("top-1 (%)" + (": filled = measured, hollow = reported"
+                                     if len(sources) > 1 else f" ({sources.pop()})"))
     else:
         ax.set_yticks(range(len(rows)), [r["method"] for r in rows])
-        ax.set_ylabel("method (no top-1 in runs.csv)")
-    ax.set_title(f"{rows[0]['pair']} on {device}\n(circle size: extra parameters)")
+        ax.set_ylabel("method (no top-1 known)")
+    r0 = rows[0]
+    ax.set_title(f"{r0['pair']}, batch {r0['batch_size']}, {r0['precision']}, {r0['compile']}\n"
+                 f"on {r0['device']} (circle area: extra parameters)", fontsize=9)
+    ax.margins(x=0.25, y=0.15)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class Features(NamedTuple):
@@ -34,6 +35,21 @@ class Features(NamedTuple):
     feats: list[Tensor]
     preact_feats: list[Tensor]
     pooled: Tensor
+
+
+class PreactBlock(nn.Module):
+    """A block whose output is ``relu(preact(x))``; subclasses define ``preact``."""
+
+    def preact(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define preact()")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.preact(x))
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, pre-activation)``."""
+        pre = self.preact(x)
+        return F.relu(pre), pre
 
 
 def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:

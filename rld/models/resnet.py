@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._init import he_init
-from .features import Features, run_stage
+from .features import Features, PreactBlock, run_stage
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -43,7 +43,7 @@ def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(PreactBlock):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; conv1 (3x3) carries the stride.
     ``preact(x)`` is the sum before the ReLU."""
 
@@ -63,20 +63,13 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return out + getattr(self, self.shortcut_name)(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.preact(x))
-
-    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.preact(x)
-        return F.relu(pre), pre
-
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(PreactBlock):
     """1x1 reduce - BN - ReLU - 3x3 (stride here, torchvision "v1.5") - BN - ReLU - 1x1 expand x4
-    - BN, ``+ shortcut(x)``, ReLU."""
+    - BN, ``+ shortcut(x)`` (= ``preact(x)``), ReLU."""
 
     expansion = 4
 
@@ -97,13 +90,6 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return out + getattr(self, self.shortcut_name)(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.preact(x))
-
-    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.preact(x)
-        return F.relu(pre), pre
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3

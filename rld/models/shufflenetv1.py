@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .features import Features, run_stage
+from .features import Features, PreactBlock, run_stage
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -28,7 +28,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-class ShuffleBottleneck(nn.Module):
+class ShuffleBottleneck(PreactBlock):
     """1x1 group conv (groups g, but 1 when the input is the 24-channel stem) - BN - ReLU -
     channel shuffle (same g) - 3x3 depthwise (stride) - BN - ReLU - 1x1 group conv (groups
     always g) - BN; then ``relu(branch + x)`` (stride 1) or ``relu(cat[branch,
@@ -56,13 +56,6 @@ class ShuffleBottleneck(nn.Module):
         if self.stride == 2:
             return torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1)
         return out + x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.preact(x))
-
-    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = self.preact(x)
-        return F.relu(pre), pre
 
 
 class ShuffleNetV1(nn.Module):

@@ -1,0 +1,308 @@
+"""Data-parallel training of one run over several processes (torch.distributed).
+
+Who the processes are: `rld.world` (`find_world`, re-exported here).
+
+`process_group` starts the group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the
+CPU) with a timeout on every collective, so a rank that dies or hangs ends the job instead
+of stalling it, and destroys it at the end.  `Group` holds the few collectives the engine
+needs around training (rank 0 decides, every rank learns the outcome), and
+`data_parallel` turns a `rld.loop.TrainState` into one rank of a data-parallel run:
+
+* DistributedDataParallel over the student (its `forward_features` for feature distillers);
+  the gradients of the distiller's own modules are averaged after each backward pass;
+* the loss of a rank's b_r samples (a mean over them) is scaled by b_r * W / B, B the step's
+  global batch, so DDP's average over the W ranks is the mean over the global batch: W ranks
+  compute the 1-rank step (an empty share takes part with a zero loss);
+* batch-norm statistics per rank (as DataParallel gave the reference releases), with rank
+  0's running statistics kept (DDP broadcasts them at every forward and `end_epoch` before
+  evaluation and checkpoints); `sync_bn=True` converts every BN layer of the trained
+  modules to SyncBatchNorm (torch's on CUDA; on the CPU, where torch has no kernels for it,
+  `CpuSyncBatchNorm`, the same statistics from sums all-reduced over gloo);
+* compile: the DDP-wrapped student is compiled (DDP's graph splitting at bucket
+  boundaries), without CUDA graphs, which do not capture DDP's gradient all-reduce: the
+  modes that replay them compile the student in `default` / `max-autotune-no-cudagraphs`
+  (the teacher and the loss keep the mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rld.world import World, find_world, world_problem
+
+log = logging.getLogger("rld")
+__all__ = ["World", "find_world", "world_problem", "Group", "process_group", "data_parallel",
+           "DataParallel", "CpuSyncBatchNorm", "convert_sync_batchnorm", "local_device"]
+
+# compile modes that replay CUDA graphs (rld.loop.CUDAGRAPH_MODES) -> the student's mode under
+# DDP, whose gradient all-reduce runs between the graphs
+_NO_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def local_device(device: torch.device, world: World) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` (modulo the GPUs it sees, so a task bound
+    to one GPU takes it) on CUDA, the CPU as it is."""
+    if device.type != "cuda" or not world.distributed:
+        return device
+    return torch.device("cuda", world.local_rank % max(1, torch.cuda.device_count()))
+
+
+# --------------------------------------------------------------------------- the group
+class Group:
+    """The process group of a data-parallel run and the collectives around training."""
+
+    def __init__(self, world: World, device: torch.device):
+        self.world, self.device = world, device
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def size(self) -> int:
+        return self.world.size
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """The sum of `t` over the ranks (a new tensor)."""
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Rank 0 calls `fn`; every rank returns its result or raises its exception, so a
+        decision (a recall, a lock, a refusal) is the same on all ranks."""
+        import torch.distributed as dist
+
+        box: list = [None]
+        error = None
+        if self.world.main:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:  # noqa: BLE001 - handed to every rank, raised there
+                error = e
+                # the input errors (RunError, ConfigError, ...) as they are; others named
+                sent = e if isinstance(e, ValueError) and len(e.args) == 1 else RuntimeError(
+                    f"rank 0 failed: {type(e).__name__}: {e}")
+                box[0] = ("error", sent)
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if error is not None:
+            raise error
+        if kind == "error":
+            raise value
+        return value
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextmanager
+def process_group(world: World, device: torch.device, timeout_s: float) -> Iterator[Group]:
+    """The default process group of `world` (NCCL on CUDA, gloo on the CPU), every
+    collective bounded by `timeout_s`; destroyed on exit."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device  # binds the group to this rank's GPU at once
+    dist.init_process_group(backend, init_method=world.init_method, rank=world.rank,
+                            world_size=world.size, timeout=timedelta(seconds=timeout_s),
+                            **kwargs)
+    try:
+        yield Group(world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- sync BN
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient, the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _SumOverRanks.apply(grad.contiguous())
+
+
+class CpuSyncBatchNorm:
+    """Batch norm synchronised over the process group for CPU tensors (torch's
+    SyncBatchNorm has CUDA kernels only, and DDP refuses it on the CPU): in training, the
+    mean and biased variance of the whole global batch from per-channel sums all-reduced
+    over the group, differentiably (the backward pass sums the gradients of the statistics
+    over the ranks, as torch's does); running statistics updated with the unbiased
+    variance; computed in float64 (a CPU facility: tests, CPU runs).  In eval mode, or
+    outside a process group, the layer's own BatchNorm.  Mixed
+    into a BatchNorm class (`CPU_SYNC_BATCHNORM`); the layer keeps its state and keys."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if factor is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        # in float64, as torch's CPU batch norm accumulates: W ranks then round like 1 rank
+        x64 = x.double()
+        count = x64.new_full((1,), x.numel() // x.shape[1])
+        total = _SumOverRanks.apply(torch.cat([x64.sum(dims), count]))
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = x64 - mean.view(shape)
+        var = _SumOverRanks.apply((centred * centred).sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                unbiased = var * n / (n - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return y.to(x.dtype)
+
+
+CPU_SYNC_BATCHNORM = {bn: type(f"CpuSync{bn.__name__}", (CpuSyncBatchNorm, bn), {})
+                      for bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
+    """Synchronise every BatchNorm layer of `module` over the process group, in place (same
+    parameters, buffers and state-dict keys): torch's SyncBatchNorm on CUDA, the
+    `CpuSyncBatchNorm` version of each layer on the CPU."""
+    if device.type != "cpu":
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if converted is not module:
+            raise ValueError("convert_sync_batchnorm: the module itself is a BatchNorm layer")
+        return
+    for m in module.modules():
+        cls = CPU_SYNC_BATCHNORM.get(type(m))
+        if cls is not None:
+            m.__class__ = cls  # same state, the synchronised forward
+
+
+# --------------------------------------------------------------------------- DDP
+class FeaturesForward(nn.Module):
+    """A model's `forward_features` as the forward that DDP wraps (feature distillers)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model.forward_features(x)
+
+
+class DataParallel:
+    """What one rank adds to a `TrainState` (`TrainState.parallel`, called by rld.loop):
+    the loss scale of each step, the distiller's gradient average and the end-of-epoch
+    agreement of buffers."""
+
+    def __init__(self, group: Group, ddp: nn.Module, distiller_params: list[nn.Parameter],
+                 shared: list[nn.Module]):
+        self.group, self.ddp = group, ddp
+        self.distiller_params = distiller_params
+        self.shared = shared  # modules whose buffers follow rank 0's at each epoch's end
+
+    @property
+    def world_size(self) -> int:
+        return self.group.size
+
+    def loss_scales(self, loader) -> list[float]:
+        """Per step of `loader`'s plan: b_r * W / B (plain ints; 1.0 for a full batch)."""
+        plan, w = loader.plan, self.group.size
+        return [plan.local_sizes[i] * w / plan.global_size(i) for i in range(len(plan))]
+
+    def after_backward(self) -> None:
+        """Average the gradients of the distiller's own modules (DDP averages the
+        student's); a rank whose modules got none sends zeros."""
+        if not self.distiller_params:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                 for p in self.distiller_params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(self.group.size)
+        offset = 0
+        for p in self.distiller_params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p)
+            offset += n
+
+    def end_epoch(self) -> None:
+        """Every rank takes rank 0's buffers (BN running statistics of the student, the
+        distiller and a teacher in training mode): the model each rank evaluates is the
+        one rank 0 saves."""
+        import torch.distributed as dist
+
+        for module in self.shared:
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
+
+def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
+                  compile_mode: str = "default") -> DataParallel:
+    """Make `state` (a `rld.loop.TrainState` on `group.device`) one rank of a data-parallel
+    run: DDP over the student as `state.forward`, the statistics summed over the ranks,
+    `state.parallel` set.  `state.student` stays the plain module (checkpoints and
+    `student.pt` keep their keys)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device, distiller = group.device, state.distiller
+    shared: list[nn.Module] = [state.student, distiller]
+    if distiller.teacher_train and state.teacher is not None:
+        shared.append(state.teacher)
+    if sync_bn:
+        for module in shared:
+            convert_sync_batchnorm(module, device)
+    module = FeaturesForward(state.student) if distiller.needs_features else state.student
+    # buffers (BN running statistics) follow rank 0's at every forward: DDP's default
+    ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    forward: Callable = ddp
+    if compile:
+        mode = _NO_CUDAGRAPHS.get(compile_mode, compile_mode)
+        forward = torch.compile(ddp, mode=mode, dynamic=False)
+    state.forward = forward
+    state.all_reduce = group.all_reduce
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    state.parallel = DataParallel(group, ddp, params, shared)
+    return state.parallel
+
+
+def same_on_all(group: Group, values: Sequence[Any]) -> bool:
+    """Whether every rank passed equal `values`."""
+    gathered = group.gather(list(values))
+    return all(g == gathered[0] for g in gathered)

@@ -1,0 +1,204 @@
+"""How the K students of a pack take a training step together on one batch.
+
+Both strategies get the batch and the teacher's output once (computed by the pack) and
+return, per point, what `rld.loop.train_step` returns: (loss terms, total loss, logits).
+
+* `LoopStudents`: the K students one after another, each with `rld.loop.train_step` on its
+  own `TrainState` (its model, optimiser, gradient scaler), the teacher's forward replaced by
+  the pack's output.  Every point computes exactly what its separate run computes (the same
+  kernels in the same order), and holds one student's activations at a time.
+* `VmapStudents`: one batched student.  The K students' parameters and batch-norm buffers are
+  stacked (`torch.func.stack_module_state`) and the forward is `torch.func.vmap` over
+  `functional_call`, so each layer is one kernel for all K points (convolutions become
+  grouped convolutions): K times fewer launches, the lever on a launch-bound GPU.  Batch-norm
+  running statistics update per point in place (vmap's batch-norm rule with batched buffers;
+  `num_batches_tracked` too), each point's loss is its own distiller's on its slice of the
+  logits, and one SGD over the stacked tensors is elementwise, hence K separate SGDs
+  (momentum, weight decay and learning rate per point).  Per-point models and optimisers are
+  kept beside the stack and brought up to date by `sync()` (checkpoints, evaluation,
+  `student.pt` use them), so a packed point's files are a separate run's.
+
+Measured on a 2-core CPU (resnet32x4 -> resnet8x4, batch 64, fp32): vmap's grouped
+convolutions are slower than K plain ones there (mkldnn's grouped backward), so the CPU
+default is the loop; on CUDA the default is vmap (see README, "Packing").
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from rld.loop import TrainState, evaluate, train_step
+
+MODES = ("auto", "loop", "vmap")
+
+
+def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`auto`: vmap on CUDA, the loop elsewhere and with fp16 (whose gradient scaler skips
+    steps per point, which one stacked optimiser cannot do)."""
+    if mode not in MODES:
+        raise ValueError(f"pack mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "vmap" if device.type == "cuda" and dtype != torch.float16 else "loop"
+    if mode == "vmap" and dtype == torch.float16:
+        raise ValueError("pack mode vmap does not take fp16 (one gradient scaler per point): "
+                         "use mode loop or trainer.precision=bf16")
+    return mode
+
+
+class LoopStudents:
+    """The K students stepped one after another, each exactly as in its separate run."""
+
+    mode = "loop"
+
+    def __init__(self, states: list[TrainState]):
+        self._teacher_out = None
+        # the same modules and optimisers; the teacher's forward is the pack's output
+        self.states = [replace(s, teacher_forward=None if s.teacher_forward is None
+                               else self._shared_teacher) for s in states]
+
+    def _shared_teacher(self, x: Tensor):
+        return self._teacher_out
+
+    def train(self) -> None:
+        for s in self.states:
+            s.train()
+
+    def set_lr(self, lr: float) -> None:
+        """Nothing: each point's optimiser follows its own scheduler."""
+
+    def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int) -> list[tuple]:
+        self._teacher_out = teacher_out
+        try:
+            return [train_step(s, x, y, epoch) for s in self.states]
+        finally:
+            self._teacher_out = None
+
+    def sync(self) -> None:
+        """Nothing: the points' own models and optimisers are the ones trained."""
+
+    def evaluate(self, loader) -> list[tuple[float, float]]:
+        return [evaluate(s, loader) for s in self.states]
+
+
+class VmapStudents:
+    """The K students as one batched model: stacked parameters and buffers, vmap'd forward,
+    one SGD over the stack.  Needs students of one architecture and logit distillers
+    without parameters of their own (the packable ones)."""
+
+    mode = "vmap"
+
+    def __init__(self, states: list[TrainState], compile: bool = False,
+                 compile_mode: str = "default"):
+        if any(s.scaler is not None for s in states):
+            raise ValueError("VmapStudents does not take fp16 gradient scalers")
+        if any(list(s.distiller.parameters()) for s in states):
+            raise ValueError("VmapStudents takes distillers without parameters only")
+        self.states = states
+        models = [s.student for s in states]
+        self.params, self.buffers = stack_module_state(models)
+        # the structure alone, without memory: functional_call supplies every tensor
+        self.base = copy.deepcopy(models[0]).to("meta")
+        group = states[0].optimizer.param_groups[0]
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=group["lr"],
+                                         momentum=group["momentum"],
+                                         weight_decay=group["weight_decay"])
+        self._stack_momentum()
+        forward = vmap(self._call, in_dims=(0, 0, None))
+        self.forward = (torch.compile(forward, mode=compile_mode, dynamic=False) if compile
+                        else forward)
+
+    def _call(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    @torch.no_grad()
+    def _stack_momentum(self) -> None:
+        """The points' momentum buffers, stacked (zeros for a point without one yet: its
+        first step then gives exactly the buffer a fresh SGD starts with, the gradient)."""
+        stacked = self.optimizer.state
+        for name, big in self.params.items():
+            bufs = []
+            for s in self.states:
+                p = dict(s.student.named_parameters())[name]
+                bufs.append(s.optimizer.state.get(p, {}).get("momentum_buffer"))
+            if all(b is None for b in bufs):
+                continue
+            stacked[big]["momentum_buffer"] = torch.stack(
+                [torch.zeros_like(big[0]) if b is None else b for b in bufs])
+
+    def train(self) -> None:
+        self.base.train()
+        for s in self.states:
+            s.train()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int) -> list[tuple]:
+        """One step of every point; a point's loss is its separate run's on its slice."""
+        self.optimizer.zero_grad(set_to_none=True)
+        s0 = self.states[0]
+        with s0.autocast():
+            logits = self.forward(self.params, self.buffers, s0.inputs(x))
+            terms = [s.distiller.terms(logits[k], teacher_out, y, epoch)
+                     for k, s in enumerate(self.states)]
+        losses = [torch.stack(list(t.values())).sum() for t in terms]
+        # the sum's gradient is 1 for every point: each slice gets its own point's gradient
+        torch.stack(losses).sum().backward()
+        self.optimizer.step()
+        return [(t, loss, logits[k]) for k, (t, loss) in enumerate(zip(terms, losses))]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the stacked parameters, buffers and momentum into each point's own model and
+        optimiser (their state dicts are then a separate run's)."""
+        stacked = self.optimizer.state
+        for k, s in enumerate(self.states):
+            for name, p in s.student.named_parameters():
+                big = self.params[name]
+                p.copy_(big[k])
+                buf = stacked.get(big, {}).get("momentum_buffer")
+                if buf is not None:
+                    s.optimizer.state[p]["momentum_buffer"] = buf[k].clone()
+            for name, b in s.student.named_buffers():
+                b.copy_(self.buffers[name][k])
+
+    @torch.inference_mode()
+    def evaluate(self, loader) -> list[tuple[float, float]]:
+        """Top-1 and top-5 (%) of every point over the loader, batched like training; one
+        host read."""
+        s0 = self.states[0]
+        self.base.eval()
+        sums, n = None, 0
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            with s0.autocast():
+                logits = self.forward(self.params, self.buffers, s0.inputs(x))
+            target = y.view(1, -1, 1)
+            k5 = min(5, logits.shape[2])
+            row = torch.stack([(logits.topk(1, dim=2).indices == target).any(2).sum(1),
+                               (logits.topk(k5, dim=2).indices == target).any(2).sum(1)], 1)
+            sums = row.float() if sums is None else sums + row
+            n += y.shape[0]
+        self.base.train()
+        return [(100.0 * a / n, 100.0 * b / n) for a, b in sums.tolist()]
+
+
+def teacher_output(state: TrainState, teacher_fn, x: Tensor):
+    """The teacher's output on the batch, once for the whole pack, computed as
+    `rld.loop.train_step` computes it (the state's input format and autocast, no graph)."""
+    with torch.no_grad(), state.autocast():
+        return teacher_fn(state.inputs(x))
+
+
+def build_students(states: list[TrainState], mode: str, compile: bool = False,
+                   compile_mode: str = "default"):
+    """The strategy `mode` (resolved: loop | vmap) over the points' states."""
+    if mode == "vmap":
+        return VmapStudents(states, compile, compile_mode)
+    return LoopStudents(states)
