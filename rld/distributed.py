@@ -4,7 +4,7 @@ Who the processes are: `rld.world` (`find_world`, re-exported here).
 
 `process_group` starts the group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on the
 CPU) with a timeout on every collective, so a rank that dies or hangs ends the job instead
-of stalling it, and destroys it at the end.  `Group` holds the few collectives the engine
+of stalling it, and destroys it when the process ends.  `Group` holds the few collectives the engine
 needs around training (rank 0 decides, every rank learns the outcome), and
 `data_parallel` turns a `rld.loop.TrainState` into one rank of a data-parallel run:
 
@@ -15,9 +15,12 @@ needs around training (rank 0 decides, every rank learns the outcome), and
   compute the 1-rank step (an empty share takes part with a zero loss);
 * batch-norm statistics per rank (as DataParallel gave the reference releases), with rank
   0's running statistics kept (DDP broadcasts them at every forward and `end_epoch` before
-  evaluation and checkpoints); `sync_bn=True` converts every BN layer of the trained
-  modules to SyncBatchNorm (torch's on CUDA; on the CPU, where torch has no kernels for it,
-  `CpuSyncBatchNorm`, the same statistics from sums all-reduced over gloo);
+  evaluation and checkpoints); `sync_bn=True` converts the student's BN layers to
+  SyncBatchNorm (torch's on CUDA; on the CPU, where torch has no kernels for it,
+  `CpuSyncBatchNorm`, the same statistics from sums all-reduced over gloo).  The BN layers
+  of a feature distiller's modules and of OFD's teacher (in training mode) stay per rank:
+  a rank with an empty share of a last batch runs neither, so they cannot take part in
+  collectives;
 * compile: the DDP-wrapped student is compiled (DDP's graph splitting at bucket
   boundaries), without CUDA graphs, which do not capture DDP's gradient all-reduce: the
   modes that replay them compile the student in `default` / `max-autotune-no-cudagraphs`
@@ -26,8 +29,9 @@ needs around training (rank 0 decides, every rank learns the outcome), and
 
 from __future__ import annotations
 
+import atexit
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -109,28 +113,37 @@ class Group:
             raise value
         return value
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
 
 @contextmanager
 def process_group(world: World, device: torch.device, timeout_s: float) -> Iterator[Group]:
     """The default process group of `world` (NCCL on CUDA, gloo on the CPU), every
-    collective bounded by `timeout_s`; destroyed on exit."""
+    collective bounded by `timeout_s`.  Started by the first run of the process and kept
+    for the next ones (the grid points of a multirun: a group started again after
+    `destroy_process_group` does not rendezvous under torchrun); destroyed at exit."""
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {}
-    if backend == "nccl":
-        kwargs["device_id"] = device  # binds the group to this rank's GPU at once
-    dist.init_process_group(backend, init_method=world.init_method, rank=world.rank,
-                            world_size=world.size, timeout=timedelta(seconds=timeout_s),
-                            **kwargs)
-    try:
-        yield Group(world, device)
-    finally:
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device  # binds the group to this rank's GPU at once
+        dist.init_process_group(backend, init_method=world.init_method, rank=world.rank,
+                                world_size=world.size, timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
+        atexit.register(_destroy_process_group)
+    elif dist.get_backend() != backend:
+        from rld.validate import ConfigError
+
+        raise ConfigError(f"trainer.device={device} is not allowed here: this process's "
+                          f"earlier runs started a {dist.get_backend()} group; one device "
+                          "type per command")
+    yield Group(world, device)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -285,9 +298,8 @@ def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
     shared: list[nn.Module] = [state.student, distiller]
     if distiller.teacher_train and state.teacher is not None:
         shared.append(state.teacher)
-    if sync_bn:
-        for module in shared:
-            convert_sync_batchnorm(module, device)
+    if sync_bn:  # the student only: a rank with an empty share runs no teacher, no distiller
+        convert_sync_batchnorm(state.student, device)
     module = FeaturesForward(state.student) if distiller.needs_features else state.student
     # buffers (BN running statistics) follow rank 0's at every forward: DDP's default
     ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -301,8 +313,3 @@ def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
     state.parallel = DataParallel(group, ddp, params, shared)
     return state.parallel
 
-
-def same_on_all(group: Group, values: Sequence[Any]) -> bool:
-    """Whether every rank passed equal `values`."""
-    gathered = group.gather(list(values))
-    return all(g == gathered[0] for g in gathered)

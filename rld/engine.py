@@ -10,6 +10,12 @@ optimiser, scheduler, best accuracy, history, RNG states; the data order is a fu
 again in the same directory resumes from the newest checkpoint that reads; a finished run
 returns its record without training; a run whose fingerprint (its result-deciding config and
 its teacher's identity) differs from the directory's is refused.
+
+Under torchrun or in a Slurm job of several tasks (`rld.world`), a run is data-parallel
+(`run_parallel`, `rld.distributed`): rank 0 recalls, locks, logs and writes the run directory
+(its `RunBook` writes; the others' keep the same book and write nothing), every rank resumes
+from the same checkpoint and trains its share of each global batch, and the numbers of each
+epoch are those of the whole global batch and test set.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ sweepers can optimise it.  Bad input stops a single run with one line on stderr 
 code 2; inside a multirun a failed point is logged and the sweep goes on.
 
 Under torchrun every process runs this command; the ranks other than 0 leave the run
-directory to rank 0: no `.hydra/`, no `train.log` (`rank_overrides`), no files from the
-engine, log messages from warnings up only.
+directory to rank 0: no `.hydra/`, no `train.log` (`rld.world.rank_overrides`), no files
+from the engine, log messages from warnings up only.
 
     torchrun --nproc_per_node=8 -m rld.train dataset=imagenet pair=resnet34_resnet18
 """
@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rld.config import register_configs
-from rld.world import find_world
+from rld.world import find_world, rank_overrides
 
 register_configs()
 log = logging.getLogger("rld")
@@ -61,18 +61,6 @@ def main(cfg: DictConfig) -> float:
             engine.record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
         return float("nan")
     return record.objective(cfg.objective)
-
-
-def rank_overrides(argv: list[str]) -> list[str]:
-    """Hydra overrides for a rank other than 0 of a data-parallel run (none for rank 0 or
-    one process): no `.hydra/` files, and logs to the console (stdout) instead of the run's
-    `train.log`, unless the command chose its own `hydra/job_logging`."""
-    if find_world().main:
-        return []
-    out = ["hydra.output_subdir=null"]
-    if not any(a.startswith(("hydra/job_logging=", "hydra.job_logging")) for a in argv):
-        out.append("hydra/job_logging=stdout")
-    return out
 
 
 if __name__ == "__main__":

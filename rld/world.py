@@ -79,3 +79,16 @@ def world_problem(cfg, world: World) -> tuple[str, Any, str] | None:
         return ("trainer.device", str(t.device),
                 f"each of the {w} ranks takes cuda:LOCAL_RANK: use auto or cuda")
     return None
+
+
+def rank_overrides(overrides: list[str]) -> list[str]:
+    """Hydra overrides for a rank other than 0 of a data-parallel run (none for rank 0 or a
+    single process), which leaves the run directory to rank 0: no `.hydra/` files, and logs
+    to the console (stdout) instead of the run's `train.log`, unless `overrides` chose their
+    own `hydra/job_logging`."""
+    if find_world().main:
+        return []
+    out = ["hydra.output_subdir=null"]
+    if not any(str(a).startswith(("hydra/job_logging=", "hydra.job_logging")) for a in overrides):
+        out.append("hydra/job_logging=stdout")
+    return out

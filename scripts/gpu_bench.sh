@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run (`bash scripts/gpu_bench.sh`), for a machine with
-# a CUDA GPU: the three benchmarks (step, data, epoch; the epoch also compiled) and real
-# training runs through the CLI on CUDA (bf16 default, fp16 with its gradient scaler).
-# Results go to $OUT (default results/gpu): log.txt and the benchmarks' CSV/PNG files.
-# Python packages missing there (hydra-core, omegaconf) may be supplied as wheels in .whl/.
+# a CUDA GPU.  Results go to $OUT (default results/gpu): log.txt and the benchmarks' CSV/PNG
+# files.  Sections run in order of importance, each under its own time limit, so a run cut
+# short by the device budget still leaves the first answers; SECTIONS="step grid" runs a
+# subset.  Python packages missing there (hydra-core, omegaconf, ...) may be supplied as
+# wheels in .whl/.
+#
+#   step      Figure 2: eight methods, eager and compiled with CUDA graphs (RLD/KD ratio)
+#   grid      packed grid (16 RLD points) against the points one after another
+#   data      input paths: CIFAR on the device vs DataLoader; ImageNet PIL vs nvjpeg
+#   imagenet  training-step images/s of ResNet34 -> ResNet18 (bf16)
+#   epoch     one RLD epoch: fast path (eager, compiled) against the published loop
+#   cli       real runs through the CLI on CUDA: logit and feature distillers, fp16,
+#             compile, a packed grid, torchrun with NCCL on one GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
+SECTIONS=${SECTIONS:-"step grid data imagenet epoch cli"}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
@@ -19,21 +29,56 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+t0=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s since start)"; }
 
-echo "== bench step"; $PY -m rld.bench step --out "$OUT"
-echo "== bench epoch"; $PY -m rld.bench epoch --out "$OUT/bench_epoch.csv"
-echo "== bench data"; $PY -m rld.bench data --out "$OUT/bench_data.csv"
-
-echo "== training on CUDA through the CLI"
-ROOT=$(mktemp -d)
-COMMON=(paths.root="$ROOT" dataset=synthetic pair=tiny trainer.progress=line)
-$PY -m rld.train "${COMMON[@]}" distiller=vanilla role=teacher trainer.epochs=3
-$PY -m rld.train "${COMMON[@]}" distiller=rld trainer.epochs=3
-$PY -m rld.train "${COMMON[@]}" distiller=dkd trainer.epochs=3 trainer.precision=fp16
-
-echo "== compiled (torch.compile): bench epoch, then a CLI run"
-timeout 240 $PY -m rld.bench epoch --compile --skip-reference --out "$OUT/bench_epoch_compiled.csv"
-timeout 150 $PY -m rld.train "${COMMON[@]}" distiller=kd trainer.epochs=2 trainer.compile=true
-for m in $(find "$ROOT/sweeps" -name metrics.json | sort); do
-    $PY -c "import json,sys; m=json.load(open(sys.argv[1])); print(m['distiller'], m['precision'], m['device'], m['status'], m['top1'], m['wall_s'])" "$m"
-done
+if want step; then
+    stamp "bench step: eight methods, eager"
+    timeout 240 $PY -m rld.bench step --steps 100 --out "$OUT/step_eager"
+    stamp "bench step: compiled, CUDA graphs"
+    timeout 420 $PY -m rld.bench step --steps 100 --compile --compile-mode reduce-overhead \
+        --methods vanilla,kd,dkd,rld --out "$OUT/step_compiled"
+fi
+if want grid; then
+    stamp "bench grid: 16 packed points vs one after another"
+    timeout 300 $PY -m rld.bench grid --steps 50 --out "$OUT/bench_grid.csv"
+fi
+if want data; then
+    stamp "bench data: CIFAR"
+    timeout 120 $PY -m rld.bench data --out "$OUT/bench_data.csv"
+    stamp "bench data: ImageNet input paths"
+    timeout 300 $PY -m rld.bench data --dataset imagenet --out "$OUT/bench_imagenet_data.csv"
+fi
+if want imagenet; then
+    stamp "bench step: ResNet34 -> ResNet18, batch 256, bf16"
+    timeout 240 $PY -m rld.bench step --pair resnet34_resnet18 --steps 30 --warmup 5 \
+        --out "$OUT/step_imagenet"
+fi
+if want epoch; then
+    stamp "bench epoch"
+    timeout 180 $PY -m rld.bench epoch --out "$OUT/bench_epoch.csv"
+    timeout 240 $PY -m rld.bench epoch --compile --compile-mode reduce-overhead \
+        --skip-reference --out "$OUT/bench_epoch_compiled.csv"
+fi
+if want cli; then
+    stamp "training on CUDA through the CLI"
+    ROOT=$(mktemp -d)
+    COMMON=(paths.root="$ROOT" dataset=synthetic pair=tiny trainer.progress=line)
+    $PY -m rld.train "${COMMON[@]}" distiller=vanilla role=teacher trainer.epochs=3
+    $PY -m rld.train "${COMMON[@]}" distiller=rld trainer.epochs=3
+    $PY -m rld.train "${COMMON[@]}" distiller=dkd trainer.epochs=3 trainer.precision=fp16
+    $PY -m rld.train -m "${COMMON[@]}" distiller=fitnet,ofd,reviewkd,crd trainer.epochs=2 \
+        distiller.nce_k=512
+    timeout 150 $PY -m rld.train "${COMMON[@]}" distiller=kd trainer.epochs=2 trainer.compile=true
+    stamp "packed grid on CUDA"
+    $PY -m rld.train -m "${COMMON[@]}" hydra/launcher=packed distiller=rld \
+        distiller.beta=2,8 distiller.tau=2,4 trainer.epochs=2 tag=packed
+    stamp "torchrun, NCCL, one GPU"
+    timeout 180 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m rld.train \
+        "${COMMON[@]}" distiller=rld trainer.epochs=2 tag=ddp
+    for m in $(find "$ROOT/sweeps" -name metrics.json | sort); do
+        $PY -c "import json,sys; m=json.load(open(sys.argv[1])); print(m['distiller'], m['precision'], m['device'], m.get('world_size'), m['status'], m['top1'], m['wall_s'])" "$m"
+    done
+fi
+stamp "done"

@@ -211,3 +211,33 @@ def test_gpus_launcher_parallelism_without_gpus(monkeypatch, caplog):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     assert GpuLauncher(jobs_per_gpu=2).parallelism == 6
     assert GpuLauncher(n_jobs=8).parallelism == 3  # never more jobs than GPU slots
+
+
+def test_pack_options_of_the_launchers(monkeypatch):
+    """`pack` / `pack_mode` of the packed, gpus and slurm launchers: checked, kept out of
+    sbatch's parameters, and counted in the parallelism the Optuna sweeper batches by."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.rld_plugins.gpu_launcher import GpuLauncher
+    from hydra_plugins.rld_plugins.packed_launcher import PackedLauncher
+    from hydra_plugins.rld_plugins.slurm_launcher import RldSlurmLauncher
+
+    cfg = compose("hydra/launcher=packed")
+    assert cfg.hydra.launcher._target_.endswith("PackedLauncher")
+    assert (cfg.hydra.launcher.pack, cfg.hydra.launcher.pack_mode) == (None, "auto")
+    assert PackedLauncher().parallelism == 16 and PackedLauncher(pack=4).parallelism == 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    gpus = GpuLauncher(pack=8)
+    assert (gpus.workers, gpus.parallelism) == (2, 16)
+    params = OmegaConf.to_container(
+        compose("hydra/launcher=slurm", "hydra.launcher.pack=4").hydra.launcher, resolve=True)
+    params.pop("_target_")
+    slurm = RldSlurmLauncher(**params)
+    assert (slurm.pack, slurm.pack_mode) == (4, "auto")
+    assert "pack" not in slurm.params and "pack_mode" not in slurm.params
+    assert slurm.parallelism == 256 * 4
+    for bad in (0, -2, "x", True):
+        with pytest.raises(ValueError, match="hydra.launcher.pack=.* an integer >= 1, or null"):
+            PackedLauncher(pack=bad)
+    with pytest.raises(ValueError, match="hydra.launcher.pack_mode='fast'"):
+        GpuLauncher(pack=2, pack_mode="fast")

@@ -233,7 +233,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     pool = launcher.pool()
-    n_jobs = launcher.parallelism
+    n_jobs = launcher.workers
     joblib_cfg = joblib_kwargs(launcher.joblib, n_jobs)
     where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} job(s) per GPU"
              if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per job")
@@ -249,6 +249,57 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         for idx, overrides in enumerate(job_overrides))
     assert isinstance(runs, list) and all(isinstance(r, JobReturn) for r in runs)
     return runs
+
+
+def gpus_job_id(idx: int, config: Any) -> str:
+    """The job id this launcher gives job `idx` (as `execute_job`)."""
+    return f"{config.hydra.job.name}_{idx}"
+
+
+def run_pinned_pack(pool: SlotPool, unit: Sequence[Any], hydra_context: Any, config: Any,
+                    task_function: Any, singleton_state: dict, pack_mode: str) -> list[Any]:
+    """A joblib task: pin this worker, then train one pack (`_packed.run_unit`)."""
+    from hydra.core.singleton import Singleton
+
+    from . import _packed
+
+    device = pin_process(pool)
+    if device is not None:
+        log.info("pack of %d job(s) #%s: CUDA_VISIBLE_DEVICES=%s (worker %d)", len(unit),
+                 ",".join(str(idx) for idx, _ in unit), device, os.getpid())
+    Singleton.set_state(singleton_state)
+    return _packed.run_unit(hydra_context, config, task_function, list(unit), pack_mode,
+                            job_id=gpus_job_id)
+
+
+def launch_packed(launcher: Any, job_overrides: Sequence[Sequence[str]],
+                  initial_job_idx: int) -> list[Any]:
+    """`pack` set: the batch's packs (`_packed.plan`), one per worker at a time."""
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import configure_log, setup_globals
+    from joblib import Parallel, delayed
+
+    from . import _packed
+
+    setup_globals()
+    config = launcher.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    pool = launcher.pool()
+    n_jobs = launcher.workers
+    units = _packed.plan(launcher.hydra_context, config, job_overrides, initial_job_idx,
+                         launcher.pack)
+    where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} pack(s) per GPU"
+             if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per pack")
+    _packed.log_plan(units, f"{n_jobs} at a time on {where}")
+    state = Singleton.get_state()
+    results = Parallel(**joblib_kwargs(launcher.joblib, n_jobs))(
+        delayed(run_pinned_pack)(pool, unit, launcher.hydra_context, config,
+                                 launcher.task_function, state, launcher.pack_mode)
+        for unit in units)
+    returns = {idx: ret for unit, rets in zip(units, results, strict=True)
+               for (idx, _), ret in zip(unit, rets, strict=True)}
+    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
 
 
 # ------------------------------------------------------------------ submitit's local executor

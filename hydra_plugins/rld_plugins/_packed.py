@@ -77,7 +77,7 @@ def plan(hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequenc
 
 def log_plan(units: list[Unit], where: str) -> None:
     sizes = [len(u) for u in units]
-    log.info("%d job(s) in %d pack(s) of %s point(s), %s", sum(sizes), len(units),
+    log.info("%d job(s) in %d pack(s) of %s job(s), %s", sum(sizes), len(units),
              "/".join(map(str, sorted(set(sizes), reverse=True))), where)
     for n, unit in enumerate(units):
         for idx, overrides in unit:
@@ -174,9 +174,12 @@ def pack_logging(hydra_cfgs: list[DictConfig], run_dirs: list[Path]):
         h.close()
     for h in root.handlers:
         h.setFormatter(PointFormatter(h.formatter))
-    added = []
+    added, opened = [], set()
     for hydra_cfg, run_dir in zip(hydra_cfgs, run_dirs, strict=True):
         for path in _log_files(hydra_cfg):
+            if path.resolve() in opened:  # a run named twice in the pack
+                continue
+            opened.add(path.resolve())
             path.parent.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(path, mode="a")
             handler.setFormatter(formatter)
@@ -207,4 +210,76 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
         rets = run_unit(launcher.hydra_context, config, launcher.task_function, unit,
                         launcher.pack_mode)
         returns.update({idx: ret for (idx, _), ret in zip(unit, rets, strict=True)})
+    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
+
+
+# ------------------------------------------------------------------------------ submitit
+class PackJob:
+    """The work of one submitit job (Slurm, or submitit's local executor): one pack.
+    submitit pickles it; on a time-out or a preemption, `checkpoint` resubmits the same
+    call, and every point of the pack resumes from its own `checkpoints/last.pt`."""
+
+    def __init__(self, launcher: Any) -> None:
+        self.hydra_context = launcher.hydra_context
+        self.config = launcher.config
+        self.task_function = launcher.task_function
+        self.pack_mode = launcher.pack_mode
+        self.slot_pool = getattr(launcher, "slot_pool", None)  # submitit_local on GPUs
+
+    def __call__(self, unit: Unit, singleton_state: dict) -> list[JobReturn]:
+        import submitit
+
+        if self.slot_pool is not None:
+            from . import _gpus
+
+            device = _gpus.pin_process(self.slot_pool)
+            log.info("pack of %d job(s): CUDA_VISIBLE_DEVICES=%s", len(unit), device)
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        job_id = submitit.JobEnvironment().job_id
+        return run_unit(self.hydra_context, self.config, self.task_function, unit,
+                        self.pack_mode, job_id=lambda idx, cfg: job_id)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def submitit_executor(launcher: Any) -> Any:
+    """The executor hydra-submitit-launcher builds from the launcher's parameters."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    kind = launcher._EXECUTOR  # "slurm" | "local" (hydra-submitit-launcher's class attribute)
+    params = dict(launcher.params)
+    init_keys = {"max_num_timeout"}
+    executor = submitit.AutoExecutor(
+        cluster=kind, folder=params["submitit_folder"],
+        **{f"{kind}_{k}": v for k, v in params.items() if k in init_keys})
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"{kind}_{k}": v
+                                  for k, v in params.items()
+                                  if k not in init_keys | {"submitit_folder"}})
+    return executor
+
+
+def launch_submitit(launcher: Any, job_overrides: Sequence[Sequence[str]],
+                    initial_job_idx: int, wave: int | None = None) -> list[JobReturn]:
+    """One submitit job per pack (a job array per batch; `wave` packs at a time at most)."""
+    setup_globals()
+    config = launcher.config
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    units = plan(launcher.hydra_context, config, job_overrides, initial_job_idx, launcher.pack)
+    log_plan(units, f"one submitit '{launcher._EXECUTOR}' job per pack")
+    executor = submitit_executor(launcher)
+    state = Singleton.get_state()
+    returns: dict[int, JobReturn] = {}
+    size = wave or len(units)
+    for start in range(0, len(units), size):
+        chunk = units[start:start + size]
+        jobs = executor.map_array(PackJob(launcher), chunk, [state] * len(chunk))
+        for unit, job in zip(chunk, jobs, strict=True):
+            rets = job.results()[0]
+            returns.update({idx: ret for (idx, _), ret in zip(unit, rets, strict=True)})
     return [returns[initial_job_idx + i] for i in range(len(job_overrides))]

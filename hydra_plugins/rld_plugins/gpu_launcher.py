@@ -15,6 +15,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from .packed_launcher import check_pack
+
 log = logging.getLogger(__name__)
 
 
@@ -28,12 +30,18 @@ class GpuLauncher(Launcher):
     slot_dir: lock files of the slots, shared by all sweeps of the machine so that two
         sweeps started side by side also never share a GPU.
     cpu_threads: CPU-only: torch threads per job (None: CPUs // n_jobs).
+    pack: each worker trains up to `pack` jobs that differ only in their distiller together
+        (`_packed.py`); None: one job at a time per worker.
+    pack_mode: how a pack's students step together: auto | loop | vmap.
     Other keyword arguments go to joblib.Parallel (verbose, timeout, pre_dispatch, ...).
     """
 
     def __init__(self, n_jobs: int | None = None, jobs_per_gpu: int = 1,
                  devices: Sequence[Any] | None = None, slot_dir: str | None = None,
-                 cpu_threads: int | None = None, **joblib: Any) -> None:
+                 cpu_threads: int | None = None, pack: int | None = None,
+                 pack_mode: str = "auto", **joblib: Any) -> None:
+        self.pack = check_pack(pack, pack_mode)
+        self.pack_mode = pack_mode
         self.n_jobs = n_jobs
         self.jobs_per_gpu = int(jobs_per_gpu)
         if self.jobs_per_gpu < 1:
@@ -85,13 +93,21 @@ class GpuLauncher(Launcher):
         return self._pool
 
     @property
-    def parallelism(self) -> int:
-        """Jobs run at a time (the Optuna sweeper sizes its batches with it)."""
+    def workers(self) -> int:
+        """Worker processes at a time (one per GPU slot)."""
         self.pool()
         return self._n
+
+    @property
+    def parallelism(self) -> int:
+        """Jobs run at a time (the Optuna sweeper sizes its batches with it): workers times
+        the points of a pack."""
+        return self.workers * (self.pack or 1)
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         from . import _gpus
 
+        if self.pack is not None:
+            return _gpus.launch_packed(self, job_overrides, initial_job_idx)
         return _gpus.launch(self, job_overrides, initial_job_idx)

@@ -29,6 +29,17 @@ def device_name(device: Any) -> str:
     return f"{model} ({os.cpu_count()} CPUs)"
 
 
+def save_rows(out: str, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Write the benchmark's rows as a CSV (atomically) unless `out` is '', and say where."""
+    if out:
+        from pathlib import Path
+
+        from rld.io import write_csv
+
+        write_csv(Path(out), rows, fields)
+        print(f"wrote {out}")
+
+
 def sync(device: Any) -> None:
     """Wait for the device's queued work (timings end here)."""
     import torch

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-from rld.bench.common import PilImages, cifar_pil_transform, device_name, sync, synthetic_cifar
+from rld.bench.common import (
+    PilImages,
+    cifar_pil_transform,
+    device_name,
+    save_rows,
+    sync,
+    synthetic_cifar,
+)
 from rld.config import CIFAR_MEAN, CIFAR_STD
-from rld.io import write_csv
 
 FIELDS = [
     "loader",
@@ -165,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{labels_txt[r['loader']]:<34}{r['seconds']:>10.3f}{r['images_per_s']:>12.0f}"
             f"{r['speedup_vs_dataloader']:>8.1f}x"
         )
-    if args.out:
-        out = Path(args.out)
-        write_csv(out, rows, FIELDS)
-        print(f"wrote {out}")
+    save_rows(args.out, rows, FIELDS)
     return 0
 
 

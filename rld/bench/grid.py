@@ -116,7 +116,8 @@ class Paths:
         for x, y in self.loader:
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            students.step(x, y, teacher_output(s0, teacher_fn, x), 1)
+            out_t = teacher_output(s0, teacher_fn, x)
+            students.step(x, y, out_t.clone() if cudagraphs else out_t, 1)
 
     def timed(self, fn, *args) -> tuple[float, float | None]:
         """Seconds of `fn(*args)` and, on CUDA, its peak allocated memory (MiB)."""
@@ -168,8 +169,9 @@ def measure(args, device, dtype) -> tuple[dict, dict, float, int]:
     teacher_fn = seq[0].teacher_forward  # compiled with --compile, else the module
     cudagraphs = args.compile and args.compile_mode in CUDAGRAPH_MODES and cuda
     runs = {"sequential": lambda: paths.sequential(seq)}
-    for mode in modes:
-        states = build_states(student_arch, teacher, points, device, dtype, False, "default")
+    for mode in modes:  # compiled as the packed trainer compiles (rld.packed.trainer)
+        states = build_states(student_arch, teacher, points, device, dtype,
+                              args.compile and mode == "loop", args.compile_mode)
         students = build_students(states, mode, args.compile, args.compile_mode)
         students.train()
         runs[f"packed-{mode}"] = (lambda st=students, s0=states[0]:

@@ -21,8 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from rld.bench.common import device_name, sync
-from rld.io import write_csv
+from rld.bench.common import device_name, save_rows, sync
 
 FIELDS = [
     "path",
@@ -215,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['path']:<8}{r['split']:<7}{r['images']:>8}{r['seconds']:>10.3f}"
             f"{r['images_per_s']:>11.0f}{r['speedup_vs_pil']:>7.2f}x"
         )
-    if args.out:
-        out = Path(args.out)
-        write_csv(out, rows, FIELDS)
-        print(f"wrote {out}")
+    save_rows(args.out, rows, FIELDS)
     return 0
 
 

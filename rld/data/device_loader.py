@@ -19,7 +19,7 @@ import torch
 
 from rld.data.augment import draw_crop_flip, gather_crop_flip, mix_seed, norm_constants
 from rld.data.augment import normalize_uint8 as _normalize
-from rld.data.sharding import BatchPlan
+from rld.data.sharding import BatchPlan, PlannedLoader
 
 _TRAIN_STREAM = 0x5EED_DA7A  # separates the loader's seeds from other users of `seed`
 
@@ -37,7 +37,7 @@ def _check_inputs(images: torch.Tensor, labels: torch.Tensor, batch_size: int, p
         raise ValueError(f"pad must be >= 0, got {pad}")
 
 
-class DeviceLoader:
+class DeviceLoader(PlannedLoader):
     """Iterate ``(x, y)`` (or ``(x, y, index)``) batches of a uint8 image tensor on `device`.
 
     x: float32 ``[b, C, H, W]`` normalised with `mean`/`std`; y: int64 ``[b]``; with
@@ -89,7 +89,7 @@ class DeviceLoader:
         self.pad = int(pad)
         self.with_index = bool(with_index)
         self.plan = BatchPlan(
-            self.num_samples,
+            int(self.images.shape[0]),
             self.batch_size,
             rank=rank,
             world_size=world_size,
@@ -106,27 +106,9 @@ class DeviceLoader:
             chunk_images = 4096 if self.device.type == "cuda" else 2048
         self.chunk_images = int(chunk_images)
 
-    @property
-    def num_samples(self) -> int:
-        """Samples in the split (all ranks together)."""
-        return int(self.images.shape[0])
-
-    @property
-    def rank_samples(self) -> int:
-        """Samples this rank sees per epoch."""
-        return self.plan.rank_samples
-
-    @property
-    def local_batch_size(self) -> int:
-        """This rank's share of a full global batch."""
-        return self.plan.local_batch_size
-
     def set_epoch(self, epoch: int) -> None:
         """Fix the (1-based) epoch whose order and augmentation the next iteration yields."""
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.plan)
 
     def generator(self, epoch: int | None = None) -> torch.Generator:
         """The generator of `epoch` (default: the current one), on the data's device."""

@@ -19,7 +19,7 @@ from torch.utils.data import Sampler
 
 from rld.data.augment import mix_seed
 from rld.data.errors import DataError
-from rld.data.sharding import BatchPlan
+from rld.data.sharding import BatchPlan, PlannedLoader
 
 _ORDER_STREAM = 0x0DE7
 _AUGMENT_STREAM = 0xA06
@@ -55,9 +55,6 @@ class EpochBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        return len(self.plan)
-
     def order(self) -> list[int]:
         """The epoch's order of data set rows (all ranks)."""
         n = self.plan.num_samples
@@ -73,7 +70,7 @@ class EpochBatchSampler(Sampler):
             yield [(i, mix_seed(base, i)) for i in order[lo:hi]]
 
 
-class FolderLoader:
+class FolderLoader(PlannedLoader):
     """The sampler-side half of an image-folder loader: epochs, steps and sample counts.
 
     ``labels``: int64 ``[N]`` on `device`, the label of every row of the split (all ranks).
@@ -109,21 +106,6 @@ class FolderLoader:
         )
         self.sampler = EpochBatchSampler(self.plan, seed, shuffle=self.train)
 
-    @property
-    def num_samples(self) -> int:
-        """Samples in the split (all ranks together)."""
-        return self.plan.num_samples
-
-    @property
-    def rank_samples(self) -> int:
-        """Samples this rank sees per epoch."""
-        return self.plan.rank_samples
-
-    @property
-    def local_batch_size(self) -> int:
-        """This rank's share of a full global batch."""
-        return self.plan.local_batch_size
-
     def set_epoch(self, epoch: int) -> None:
         """Fix the (1-based) epoch whose order and augmentation the next iteration yields."""
         self.sampler.set_epoch(epoch)
@@ -131,9 +113,6 @@ class FolderLoader:
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
-
-    def __len__(self) -> int:
-        return len(self.plan)
 
     def _out(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple:
         return (x, y, index) if self.with_index else (x, y)

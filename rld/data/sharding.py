@@ -108,3 +108,28 @@ class BatchPlan:
         lo, hi = self.global_range(step)
         a, b = shard_bounds(hi - lo, self.rank, self.world_size)
         return lo + a, lo + b
+
+
+class PlannedLoader:
+    """What every loader tells of its `plan` (a `BatchPlan`): sizes and the number of steps."""
+
+    plan: BatchPlan
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split (all ranks together)."""
+        return self.plan.num_samples
+
+    @property
+    def rank_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return self.plan.rank_samples
+
+    @property
+    def local_batch_size(self) -> int:
+        """This rank's share of a full global batch."""
+        return self.plan.local_batch_size
+
+    def __len__(self) -> int:
+        """Steps per epoch, the same on every rank."""
+        return len(self.plan)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from rld.loop import TrainState, evaluate, train_step
+from rld.loop import CUDAGRAPH_MODES, TrainState, evaluate, train_step
 
 MODES = ("auto", "loop", "vmap")
 
@@ -111,6 +111,10 @@ class VmapStudents:
         forward = vmap(self._call, in_dims=(0, 0, None))
         self.forward = (torch.compile(forward, mode=compile_mode, dynamic=False) if compile
                         else forward)
+        # compiled with CUDA graphs: every replay (evaluation batch) marks its start; the
+        # caller marks each training step's
+        self.cudagraphs = (compile and compile_mode in CUDAGRAPH_MODES
+                           and states[0].device.type == "cuda")
 
     def _call(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
         return functional_call(self.base, (params, buffers), (x,))
@@ -120,11 +124,10 @@ class VmapStudents:
         """The points' momentum buffers, stacked (zeros for a point without one yet: its
         first step then gives exactly the buffer a fresh SGD starts with, the gradient)."""
         stacked = self.optimizer.state
+        named = [dict(s.student.named_parameters()) for s in self.states]
         for name, big in self.params.items():
-            bufs = []
-            for s in self.states:
-                p = dict(s.student.named_parameters())[name]
-                bufs.append(s.optimizer.state.get(p, {}).get("momentum_buffer"))
+            bufs = [s.optimizer.state.get(params[name], {}).get("momentum_buffer")
+                    for s, params in zip(self.states, named, strict=True)]
             if all(b is None for b in bufs):
                 continue
             stacked[big]["momentum_buffer"] = torch.stack(
@@ -177,6 +180,8 @@ class VmapStudents:
         sums, n = None, 0
         for batch in loader:
             x, y = batch[0], batch[1]
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with s0.autocast():
                 logits = self.forward(self.params, self.buffers, s0.inputs(x))
             target = y.view(1, -1, 1)

@@ -28,6 +28,7 @@ import gc
 import json
 import logging
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,8 @@ def plan_packs(cfgs: list, pack: int | None = None) -> list[list[int]]:
     """Indices of `cfgs` grouped into packs of at most `pack` points (None: no limit),
     split evenly, in the order of each pack's first index.  Points that cannot be packed
     are packs of one; points without a teacher (vanilla) join a pack of distilling points
-    of the same key when there is one."""
+    of the same key when there is one; configs of one fingerprint (a setting the distiller
+    does not read swept: the same run) stay in one pack and count as one point."""
     if pack is not None and int(pack) < 1:
         raise ValueError(f"pack must be >= 1 or null, got {pack}")
     groups: dict[tuple, list[int]] = {}
@@ -118,14 +120,23 @@ def plan_packs(cfgs: list, pack: int | None = None) -> list[list[int]]:
         groups.setdefault(home, []).append(i)
     units: list[list[int]] = []
     for members in groups.values():
-        n = 1 if pack is None else -(-len(members) // int(pack))  # packs
-        size, extra = divmod(len(members), n)
+        runs: dict[str, list[int]] = {}
+        for i in members:
+            runs.setdefault(_identity(cfgs[i]), []).append(i)
+        points = list(runs.values())
+        n = 1 if pack is None else -(-len(points) // int(pack))  # packs
+        size, extra = divmod(len(points), n)
         start = 0
         for j in range(n):
             stop = start + size + (j < extra)
-            units.append(members[start:stop])
+            units.append(sorted(i for point in points[start:stop] for i in point))
             start = stop
     return sorted(units, key=lambda u: u[0])
+
+
+def _identity(cfg) -> str:
+    """The run a config names, whatever settings it sets that its distiller does not read."""
+    return json.dumps(fingerprint(cfg), sort_keys=True, default=str)
 
 
 # ------------------------------------------------------------------------------ logging
@@ -279,7 +290,7 @@ def _train_cut(points: list[Point], mode: str) -> None:
 
 
 def _eager(cfg):
-    """The config with trainer.compile off: the pack compiles what it runs itself."""
+    """The config with trainer.compile off (vmap mode compiles its batched forward itself)."""
     return OmegaConf.merge(cfg, {"trainer": {"compile": False}}) if cfg.trainer.compile else cfg
 
 
@@ -304,7 +315,7 @@ def _train(points: list[Point], mode: str) -> None:
         if p.open:
             with p.scope():
                 _setup_point(p, data, teacher, device, dtype,
-                             rng_teacher if distills(p.cfg) else rng_plain)
+                             rng_teacher if distills(p.cfg) else rng_plain, mode)
     live = [p for p in points if p.open]
     try:
         _evaluate_teacher(live, teacher, data)
@@ -322,12 +333,14 @@ def _train(points: list[Point], mode: str) -> None:
                 p.book.close()
 
 
-def _setup_point(p: Point, data, teacher, device, dtype, rng: dict) -> None:
-    """The point's student, optimiser and schedule, resumed from its checkpoint if any."""
+def _setup_point(p: Point, data, teacher, device, dtype, rng: dict, mode: str) -> None:
+    """The point's student, optimiser and schedule, resumed from its checkpoint if any.  In
+    loop mode the student steps as in its separate run (compiled with trainer.compile)."""
     try:
         set_rng_state(rng)
-        p.state, p.scheduler = build_student(_eager(p.cfg), data,
-                                             teacher if distills(p.cfg) else None, device, dtype)
+        cfg = p.cfg if mode == "loop" else _eager(p.cfg)
+        p.state, p.scheduler = build_student(cfg, data, teacher if distills(p.cfg) else None,
+                                             device, dtype)
         p.book = RunBook(p.cfg, RunDir(p.run_dir), p.fp)
         found = p.book.dir.load_checkpoint(p.fp, device) if p.cfg.trainer.resume else None
         if found is not None:
@@ -399,7 +412,9 @@ def _epoch_done(p: Point, stat: dict | str, epoch: int, lr: float, top1: float,
         log.error("%s: stopping this run", stat)
         p.outcome = p.book.finish("diverged", stat, student_checkpoint(p.cfg, p.state, data))
         return
-    p.scheduler.step()
+    with warnings.catch_warnings():  # vmap mode steps the stack, not the point's optimiser
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        p.scheduler.step()
     set_rng_state(p.rng)  # the checkpoint stores the point's own RNG state
     p.book.epoch_done({"epoch": epoch, "lr": lr, **stat, "test_top1": top1,
                        "test_top5": top5, "seconds": time.time() - e0},
@@ -425,6 +440,8 @@ def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, 
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             out_t = teacher_output(s0, teacher_fn, x) if needs_teacher else None
+            if cudagraphs and out_t is not None:  # out of the graphs' pool: the students'
+                out_t = out_t.clone()  # replays (loop mode marks a step each) may reuse it
             results = students.step(x, y, out_t, epoch)
         except torch.OutOfMemoryError as e:
             if first and step == 0:

@@ -3,8 +3,9 @@
 #
 #   1. installs slurm-wlm and munge from Debian when missing (needs root; no systemd needed),
 #   2. starts munged, slurmctld and slurmd for a one-node cluster in a temp dir (up.sh),
-#   3. runs tests/slurm (a 2x2 RLD grid through hydra/launcher=slurm + hparams=grid, and a
-#      job requeued mid-run that resumes from its checkpoint),
+#   3. runs tests/slurm (a 2x2 RLD grid through hydra/launcher=slurm + hparams=grid, jobs
+#      requeued or signalled mid-run that resume from their checkpoints, and a 2-task job:
+#      one data-parallel run over both tasks (gloo), requeued mid-run, that resumes),
 #   4. stops the daemons it started, by their process ids, whatever happened (down.sh).
 #
 # Extra arguments go to pytest.  KEEP_SLURM_STATE=1 keeps the temp dir (logs) for debugging.

@@ -90,22 +90,10 @@ def reference_run(teacher_root) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("interruption", ["requeue", "usr2"])
-def test_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, teacher_root, reference_run,
-                                                     interruption):
-    """A job interrupted mid-run runs again, resumes from checkpoints/last.pt and ends with
-    exactly the accuracies and history of an uninterrupted run.
-
-    requeue: `scontrol requeue` once an epoch is saved: Slurm kills the job and queues it
-    again (preemption in REQUEUE mode).
-    usr2: SIGUSR2, which Slurm sends `signal_delay_s` before the time limit (or before a
-    preemption): submitit calls the launcher's checkpoint() and requeues the job itself.
-    (A real 1-minute time limit takes the same path but its timing depends on how fast the
-    machine is, so the test sends the signal.)"""
-    root = teacher_root
-    tag = f"slurm-{interruption}"
-    t0 = time.time()
-    proc = subprocess.Popen(command(root, "-m", *RUN, *SLURM, f"tag={tag}"),
+def _interrupted(root: Path, tag: str, interruption: str, *extra: str) -> tuple[Path, str]:
+    """Run RUN through Slurm as tag `tag`, interrupt its job once a checkpoint is saved
+    (`scontrol requeue` or SIGUSR2), let the requeued job finish; (run dir, Slurm logs)."""
+    proc = subprocess.Popen(command(root, "-m", *RUN, *SLURM, *extra, f"tag={tag}"),
                             cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=environ())
     sweep = root / "sweeps" / tag
@@ -121,7 +109,8 @@ def test_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, teacher_root
         run_dir = last.parent.parent
         (job,) = [d.name for d in (sweep / ".submitit").iterdir()
                   if d.is_dir() and re.fullmatch(r"\d+(_\d+)?", d.name)]
-        assert not (run_dir / "metrics.json").exists(), "finished before the interruption"
+        assert not (run_dir / "metrics.json").exists() or json.loads(
+            (run_dir / "metrics.json").read_text())["status"] == "running", "finished too soon"
         if interruption == "requeue":
             subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
         else:  # to the job step (python), not the batch shell
@@ -139,18 +128,97 @@ def test_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, teacher_root
             if job is not None:
                 subprocess.run(["scancel", job], timeout=30)
     assert proc.returncode == 0, out[-4000:]
-
     logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").rglob("*.out"))
+    return run_dir, logs
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    got, ref = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    assert got["status"] == ref["status"] == "completed"
+    for key in ("top1", "top1_best", "top5", "world_size"):
+        assert got[key] == ref[key], (key, got[key], ref[key])
+    assert _history(run_dir) == _history(reference)
+    assert len(_history(run_dir)) == 6
+
+
+@pytest.mark.parametrize("interruption", ["requeue", "usr2"])
+def test_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, teacher_root, reference_run,
+                                                     interruption):
+    """A job interrupted mid-run runs again, resumes from checkpoints/last.pt and ends with
+    exactly the accuracies and history of an uninterrupted run.
+
+    requeue: `scontrol requeue` once an epoch is saved: Slurm kills the job and queues it
+    again (preemption in REQUEUE mode).
+    usr2: SIGUSR2, which Slurm sends `signal_delay_s` before the time limit (or before a
+    preemption): submitit calls the launcher's checkpoint() and requeues the job itself.
+    (A real 1-minute time limit takes the same path but its timing depends on how fast the
+    machine is, so the test sends the signal.)"""
+    t0 = time.time()
+    run_dir, logs = _interrupted(teacher_root, f"slurm-{interruption}", interruption)
     if interruption == "usr2":
         assert "Requeued job" in logs, "submitit did not requeue the job"
     assert "resumed from" in logs, "the job did not resume from its checkpoint"
-    got, ref = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference_run))
-    assert got["status"] == ref["status"] == "completed"
-    for key in ("top1", "top1_best", "top5"):
-        assert got[key] == ref[key], (key, got[key], ref[key])
-    assert _history(run_dir) == _history(reference_run)
-    assert len(_history(run_dir)) == 6
+    _assert_same_run(run_dir, reference_run)
     print(f"{interruption}: {time.time() - t0:.1f}s")
+
+
+def test_two_task_job_is_one_data_parallel_run_that_resumes(slurm_cluster, teacher_root):
+    """tasks_per_node=2 (CPU, gloo): each grid point is one run over both tasks, written by
+    rank 0 alone; `scontrol requeue` mid-run restarts both tasks, which resume from the
+    checkpoint and end with exactly the history of an uninterrupted 2-rank run (torchrun
+    on this machine)."""
+    root = teacher_root
+    t0 = time.time()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "rld.train", f"paths.root={root}", *RUN,
+                "tag=ref-ddp"]
+    subprocess.run(torchrun, cwd=REPO, check=True, capture_output=True, timeout=600,
+                   env=environ())
+    (reference,) = [m.parent for m in (root / "sweeps/ref-ddp/synthetic").rglob("metrics.json")]
+    run_dir, logs = _interrupted(root, "slurm-ddp", "requeue", "hydra.launcher.tasks_per_node=2")
+    assert "data-parallel run on 2 processes" in logs
+    assert logs.count("resumed from") == 1, "rank 0 alone logs; it resumed once"
+    _assert_same_run(run_dir, reference)
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == [
+        "config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert "data-parallel run" in (run_dir / "train.log").read_text()
+    scripts = list((root / "sweeps/slurm-ddp/.submitit").rglob("*submission.sh"))
+    assert scripts and all("export SLURM_KILL_BAD_EXIT=1" in p.read_text() for p in scripts)
+    print(f"2-task requeue: {time.time() - t0:.1f}s")
+
+
+def test_packed_grid_through_slurm(slurm_cluster, teacher_root):
+    """hydra.launcher.pack=4: the 2x2 grid is one Slurm job that trains the four points
+    together; each point has its own completed run directory."""
+    root, tag = teacher_root, "slurm-pack"
+    t0 = time.time()
+    cli(root, "-m", *TINY, *SLURM, "hydra.launcher.pack=4", "distiller.beta=2,4",
+        "distiller.tau=2,3", f"tag={tag}")
+    sweep = root / "sweeps" / tag
+    runs = sorted((sweep / "synthetic").rglob("metrics.json"))
+    assert len(runs) == 4, runs
+    for m in runs:
+        record = json.loads(m.read_text())
+        assert record["status"] == "completed" and record["packed"]["points"] == 4
+        assert (m.parent / "student.pt").exists() and (m.parent / "train.log").exists()
+    jobs = [d for d in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", d.name)]
+    assert len(jobs) == 1, jobs
+    print(f"packed 2x2 grid through Slurm: {time.time() - t0:.1f}s")
+
+
+def test_requeued_pack_resumes_every_point(slurm_cluster, teacher_root, reference_run):
+    """A pack of two points in one Slurm job, requeued mid-run: the job runs again and every
+    point resumes from its own checkpoint; the point of the reference's configuration
+    (scd_tau=4 is its tau) ends with exactly the reference's numbers."""
+    t0 = time.time()
+    _, logs = _interrupted(teacher_root, "slurm-pack-requeue", "requeue",
+                           "hydra.launcher.pack=2", "distiller.scd_tau=4,2")
+    assert "resumed from" in logs, "the pack did not resume from its checkpoints"
+    runs = sorted((teacher_root / "sweeps/slurm-pack-requeue/synthetic").rglob("metrics.json"))
+    assert len(runs) == 2
+    (same,) = [m.parent for m in runs if json.loads(m.read_text())["scd_tau"] == 4.0]
+    _assert_same_run(same, reference_run)
+    print(f"packed requeue: {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":  # pragma: no cover
