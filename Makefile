@@ -30,9 +30,12 @@ lint: install
 slurm-test: install
 	bash scripts/slurm/test.sh
 
+# every benchmark at its default size, except the grid: 4 points (16 take ~10 min on 2 cores)
 bench: install
 	$(BIN)/python -m rld.bench step
 	$(BIN)/python -m rld.bench data
+	$(BIN)/python -m rld.bench data --dataset imagenet
+	$(BIN)/python -m rld.bench grid --points 4
 	$(BIN)/python -m rld.bench epoch
 
 # Optuna dashboard of a study: make dashboard [TAG=main] [PORT=8080] [HOST=127.0.0.1]

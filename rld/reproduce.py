@@ -17,11 +17,8 @@ from rld.config import NOT_IN_FINGERPRINT, key_in, unread_settings
 TEACHER_KEY = "teacher.sha256"  # the fingerprint's entry for the teacher's identity
 
 
-def fingerprint(cfg, teacher_sha256: str | None = None) -> dict:
-    """The keys that decide a run's result, flattened (`optim.lr`, ...), without those of
-    `NOT_IN_FINGERPRINT` and the distiller settings its distiller does not read
-    (`DISTILLER_SETTINGS`), plus the teacher's identity (the SHA-256 of its checkpoint) for
-    distillation runs."""
+def flatten(cfg) -> dict:
+    """A config's resolved values as one flat dict of dotted keys (`optim.lr`, ...)."""
     flat: dict = {}
 
     def walk(prefix, node):
@@ -32,6 +29,15 @@ def fingerprint(cfg, teacher_sha256: str | None = None) -> dict:
             flat[prefix[:-1]] = node
 
     walk("", OmegaConf.to_container(cfg, resolve=True))
+    return flat
+
+
+def fingerprint(cfg, teacher_sha256: str | None = None) -> dict:
+    """The keys that decide a run's result, flattened (`optim.lr`, ...), without those of
+    `NOT_IN_FINGERPRINT` and the distiller settings its distiller does not read
+    (`DISTILLER_SETTINGS`), plus the teacher's identity (the SHA-256 of its checkpoint) for
+    distillation runs."""
+    flat = flatten(cfg)
     unread = unread_settings(flat.get("distiller.name"))
     out = {k: v for k, v in flat.items() if not key_in(k, NOT_IN_FINGERPRINT + unread)}
     if teacher_sha256 is not None:

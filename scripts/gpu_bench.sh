@@ -41,8 +41,10 @@ if want step; then
         --methods vanilla,kd,dkd,rld --out "$OUT/step_compiled"
 fi
 if want grid; then
-    stamp "bench grid: 16 packed points vs one after another"
-    timeout 300 $PY -m rld.bench grid --steps 50 --out "$OUT/bench_grid.csv"
+    stamp "bench grid: 16 packed points (loop and vmap) vs one after another"
+    timeout 300 $PY -m rld.bench grid --steps 50 --mode all --out "$OUT/bench_grid.csv"
+    timeout 420 $PY -m rld.bench grid --steps 50 --mode all --compile \
+        --compile-mode reduce-overhead --out "$OUT/bench_grid_compiled.csv"
 fi
 if want data; then
     stamp "bench data: CIFAR"
@@ -71,9 +73,24 @@ if want cli; then
     $PY -m rld.train -m "${COMMON[@]}" distiller=fitnet,ofd,reviewkd,crd trainer.epochs=2 \
         distiller.nce_k=512
     timeout 150 $PY -m rld.train "${COMMON[@]}" distiller=kd trainer.epochs=2 trainer.compile=true
-    stamp "packed grid on CUDA"
-    $PY -m rld.train -m "${COMMON[@]}" hydra/launcher=packed distiller=rld \
-        distiller.beta=2,8 distiller.tau=2,4 trainer.epochs=2 tag=packed
+    stamp "packed grid on CUDA (bf16) against the same points run separately"
+    GRID=(distiller=rld distiller.beta=2,8 distiller.tau=2,4 trainer.epochs=2)
+    $PY -m rld.train -m "${COMMON[@]}" hydra/launcher=packed "${GRID[@]}" tag=packed
+    $PY -m rld.train -m "${COMMON[@]}" "${GRID[@]}" tag=sep
+    $PY - "$ROOT/sweeps" <<'PYEOF'
+import csv, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+worst_loss = worst_top1 = 0.0
+for packed in sorted((root / "packed").rglob("history.csv")):
+    sep = root / "sep" / packed.relative_to(root / "packed")
+    a, b = (list(csv.DictReader(open(p))) for p in (packed, sep))
+    for ra, rb in zip(a, b):
+        worst_loss = max(worst_loss, abs(float(ra["loss"]) / float(rb["loss"]) - 1))
+        worst_top1 = max(worst_top1, abs(float(ra["test_top1"]) - float(rb["test_top1"])))
+print(f"packed vs separate (bf16): loss max rel diff {worst_loss:.2e}, "
+      f"top-1 max diff {worst_top1:.2f} points")
+PYEOF
     stamp "torchrun, NCCL, one GPU"
     timeout 180 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m rld.train \
         "${COMMON[@]}" distiller=rld trainer.epochs=2 tag=ddp

@@ -15,11 +15,13 @@ SMALL = ["dataset=synthetic", "pair=tiny", "dataset.train_size=256", "dataset.te
 
 
 def run_train(root: Path, *overrides: str, check: bool = True, timeout: float = 300,
-              env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m rld.train paths.root=ROOT <overrides>` in a subprocess."""
+              env: dict | None = None,
+              launch: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
+    """`python -m rld.train paths.root=ROOT <overrides>` in a subprocess (`launch`: what runs
+    `-m rld.train`, e.g. torchrun and its options)."""
     flags = [o for o in overrides if o.startswith("-")]  # argparse wants flags first
     rest = [o for o in overrides if not o.startswith("-")]
-    cmd = [sys.executable, "-m", "rld.train", *flags, f"paths.root={root}", *rest]
+    cmd = [*launch, "-m", "rld.train", *flags, f"paths.root={root}", *rest]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)

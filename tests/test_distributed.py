@@ -30,16 +30,7 @@ EQUAL = ["dataset=synthetic", "pair=tiny", "dataset.train_size=193", "dataset.te
 def torchrun(root: Path, *overrides: str, check: bool = True,
              timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 -m rld.train paths.root=ROOT ...`."""
-    flags = [o for o in overrides if o.startswith("-")]  # argparse wants flags first
-    rest = [o for o in overrides if not o.startswith("-")]
-    cmd = [*TORCHRUN, "-m", "rld.train", *flags, f"paths.root={root}", *rest]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_train(root, *overrides, check=check, timeout=timeout, launch=tuple(TORCHRUN))
 
 
 def _run_dir(root: Path, tag: str, point: str = "") -> Path:

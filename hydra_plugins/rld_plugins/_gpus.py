@@ -220,17 +220,27 @@ def joblib_kwargs(settings: dict[str, Any], n_jobs: int) -> dict[str, Any]:
     return out
 
 
+def start_sweep(config: Any, log_config: bool = True) -> Path:
+    """What a launcher does before its first job: Hydra's globals, its logging, the sweep
+    directory (returned)."""
+    from hydra.core.utils import configure_log, setup_globals
+
+    setup_globals()
+    if log_config:
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_dir
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> Sequence[Any]:
     from hydra.core.singleton import Singleton
-    from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+    from hydra.core.utils import JobReturn, filter_overrides
     from joblib import Parallel, delayed
 
-    setup_globals()
     assert launcher.config is not None and launcher.hydra_context is not None
-    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
-    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = start_sweep(launcher.config)
 
     pool = launcher.pool()
     n_jobs = launcher.workers
@@ -276,15 +286,12 @@ def launch_packed(launcher: Any, job_overrides: Sequence[Sequence[str]],
                   initial_job_idx: int) -> list[Any]:
     """`pack` set: the batch's packs (`_packed.plan`), one per worker at a time."""
     from hydra.core.singleton import Singleton
-    from hydra.core.utils import configure_log, setup_globals
     from joblib import Parallel, delayed
 
     from . import _packed
 
-    setup_globals()
     config = launcher.config
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    start_sweep(config)
     pool = launcher.pool()
     n_jobs = launcher.workers
     units = _packed.plan(launcher.hydra_context, config, job_overrides, initial_job_idx,

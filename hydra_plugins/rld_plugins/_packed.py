@@ -28,6 +28,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from ._gpus import start_sweep
+
 log = logging.getLogger(__name__)
 rld_log = logging.getLogger("rld")  # a point's messages, as rld.train logs them
 
@@ -197,10 +199,8 @@ def pack_logging(hydra_cfgs: list[DictConfig], run_dirs: list[Path]):
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> list[JobReturn]:
     """The `packed` launcher: the batch's packs one after another in this process."""
-    setup_globals()
     config = launcher.config
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    start_sweep(config)
     units = plan(launcher.hydra_context, config, job_overrides, initial_job_idx, launcher.pack)
     log_plan(units, "one after another in this process")
     state = Singleton.get_state()
@@ -267,9 +267,8 @@ def submitit_executor(launcher: Any) -> Any:
 def launch_submitit(launcher: Any, job_overrides: Sequence[Sequence[str]],
                     initial_job_idx: int, wave: int | None = None) -> list[JobReturn]:
     """One submitit job per pack (a job array per batch; `wave` packs at a time at most)."""
-    setup_globals()
     config = launcher.config
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    start_sweep(config, log_config=False)
     units = plan(launcher.hydra_context, config, job_overrides, initial_job_idx, launcher.pack)
     log_plan(units, f"one submitit '{launcher._EXECUTOR}' job per pack")
     executor = submitit_executor(launcher)

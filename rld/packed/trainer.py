@@ -55,7 +55,7 @@ from rld.engine import (
 )
 from rld.loop import CUDAGRAPH_MODES, Progress, evaluate
 from rld.packed.students import build_students, resolve_mode, teacher_output
-from rld.reproduce import fingerprint, rng_state, seed_everything, set_rng_state
+from rld.reproduce import fingerprint, flatten, rng_state, seed_everything, set_rng_state
 from rld.validate import ConfigError, validate
 
 log = logging.getLogger("rld")
@@ -81,16 +81,7 @@ def pack_key(cfg) -> str | None:
     try:
         if str(cfg.distiller.name) not in PACKABLE:
             return None
-        flat: dict = {}
-
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(f"{prefix}{k}.", v)
-            else:
-                flat[prefix[:-1]] = node
-
-        walk("", OmegaConf.to_container(cfg, resolve=True))
+        flat = flatten(cfg)
     except Exception:  # noqa: BLE001 - e.g. a bad interpolation: the point runs alone
         return None
     return json.dumps({k: v for k, v in flat.items() if not key_in(k, PER_POINT)},
