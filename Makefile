@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo table lint slurm-test bench dashboard clean-venv
+.PHONY: install test test-slow demo table lint slurm-test bench dashboard clean-venv
 
 install: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# the suite, ~5 min on 2 cores; the longest end-to-end runs (kill and resume, data-parallel,
+# launchers, Optuna) are marked slow: `make test-slow` (CI runs both, then slurm-test)
 test: install
-	$(BIN)/python -m pytest -q -m "not slurm"
+	$(BIN)/python -m pytest -q -m "not slurm and not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow and not slurm"
 
 demo: install
 	bash scripts/demo.sh

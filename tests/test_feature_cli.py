@@ -61,6 +61,7 @@ def test_feature_settings_sweep_like_beta_and_tau(teacher_root):
     assert all("nce_t=" in str(p) for p in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["crd", "ofd"])  # random negatives; a teacher in train mode
 def test_killed_feature_run_resumes_exactly(teacher_root, name):
     root = teacher_root

@@ -246,6 +246,7 @@ def test_faults_stay_local(teacher_root, separate):
     assert_same_run(run_dir(teacher_root, separate, LEAVES[1]), healthy, exact=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_every_point(teacher_root, separate, tmp_path):
     """A packed process killed with SIGKILL after epoch 1: the same command again resumes
     every point from its own last.pt (one whose checkpoints were lost restarts and catches
@@ -371,6 +372,7 @@ def test_plan_packs_groups_by_everything_but_the_distiller(tmp_path):
         plan_packs(cfgs, pack=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_compiled_pack_trains_as_the_eager_one(teacher_root, tmp_path, monkeypatch, mode):
     """trainer.compile=true in a pack (a light backend: Inductor's C++ build is slow on a
