@@ -169,13 +169,17 @@ def test_two_task_job_is_one_data_parallel_run_that_resumes(slurm_cluster, teach
     on this machine)."""
     root = teacher_root
     t0 = time.time()
+    # 4x the samples of RUN: the epochs left after the first checkpoint must outlast Slurm's
+    # KillWait (5 s), or the job, which submitit lets finish on SIGTERM, ends before SIGKILL
+    bigger = "dataset.train_size=2048"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "rld.train", f"paths.root={root}", *RUN,
+                "--nproc_per_node=2", "-m", "rld.train", f"paths.root={root}", *RUN, bigger,
                 "tag=ref-ddp"]
     subprocess.run(torchrun, cwd=REPO, check=True, capture_output=True, timeout=600,
                    env=environ())
     (reference,) = [m.parent for m in (root / "sweeps/ref-ddp/synthetic").rglob("metrics.json")]
-    run_dir, logs = _interrupted(root, "slurm-ddp", "requeue", "hydra.launcher.tasks_per_node=2")
+    run_dir, logs = _interrupted(root, "slurm-ddp", "requeue", "hydra.launcher.tasks_per_node=2",
+                                 bigger)
     assert "data-parallel run on 2 processes" in logs
     assert logs.count("resumed from") == 1, "rank 0 alone logs; it resumed once"
     _assert_same_run(run_dir, reference)
