@@ -55,6 +55,16 @@ def test_reported_top1_is_labelled_as_such(tmp_path):
     assert measured_top1(str(tmp_path / "absent.csv"), "resnet32x4_resnet8x4") == {}
 
 
+def test_pairs_take_their_zoo_and_input_size():
+    from rld.bench.step import Pair
+
+    for name, family, size in (("resnet34_resnet18", "imagenet", 224),
+                               ("resnet50_mobilenetv1", "imagenet", 224),
+                               ("resnet50_mobilenetv2", "cifar", 32), ("tiny", "cifar", 32)):
+        pair = Pair(name)
+        assert (pair.family, pair.image_size) == (family, size), name
+
+
 def test_unknown_method_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["--methods", "kd,nope"])

@@ -72,7 +72,9 @@ class Pair:
             raise SystemExit(f"rld.bench: --pair {name!r}: no conf/pair/{name}.yaml")
         conf = OmegaConf.load(path)
         self.name, self.teacher, self.student = name, str(conf.teacher), str(conf.student)
-        self.family = "cifar" if self.student in MODELS["cifar"] else "imagenet"
+        # ResNet18/50 exist in both zoos: a pair is CIFAR when both its models are
+        cifar_zoo = MODELS["cifar"]
+        self.family = "cifar" if {self.teacher, self.student} <= set(cifar_zoo) else "imagenet"
         cifar = self.family == "cifar"
         self.dataset = "cifar100" if cifar else "imagenet"
         self.num_classes, self.image_size = (100, 32) if cifar else (1000, 224)
