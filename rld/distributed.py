@@ -140,6 +140,20 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
     yield Group(world, device)
 
 
+def close_process_group() -> None:
+    """After a command's last run, on every rank: wait for the others, then tear the group
+    down.  Without the barrier the first rank to leave closes its connections while the
+    others' gloo threads still use them, and a rank can abort at exit ("terminate called
+    without an active exception").  Called on the way out of a command that ended well
+    only: a rank that failed leaves at once (`_destroy_process_group`), so that torchrun
+    sees it and ends the others rather than leaving them in a barrier until the timeout."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 

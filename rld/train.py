@@ -66,3 +66,6 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     sys.argv += rank_overrides(sys.argv[1:])
     main()
+    from rld.distributed import close_process_group
+
+    close_process_group()  # every rank leaves together (a no-op without a process group)
