@@ -43,11 +43,54 @@ from rld.world import World, find_world, world_problem
 
 log = logging.getLogger("rld")
 __all__ = ["World", "find_world", "world_problem", "Group", "process_group", "data_parallel",
-           "DataParallel", "CpuSyncBatchNorm", "convert_sync_batchnorm", "local_device"]
+           "DataParallel", "CpuSyncBatchNorm", "convert_sync_batchnorm", "local_device",
+           "close_process_group", "ddp_compile_mode", "loss_scales", "average_gradients",
+           "broadcast_buffers"]
 
 # compile modes that replay CUDA graphs (rld.loop.CUDAGRAPH_MODES) -> the student's mode under
 # DDP, whose gradient all-reduce runs between the graphs
 _NO_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def ddp_compile_mode(mode: str) -> str:
+    """The compile mode of a data-parallel rank's student for `trainer.compile_mode`: the
+    same, without CUDA graphs (which do not capture the gradient all-reduce)."""
+    return _NO_CUDAGRAPHS.get(mode, mode)
+
+
+def loss_scales(loader, world_size: int) -> list[float]:
+    """Per step of a sharded `loader` (`rld.data.PlannedLoader`): b_r * W / B, the factor
+    that makes the average over W ranks of their scaled means the global batch's mean
+    (plain ints; 1.0 for a full batch)."""
+    plan = loader.plan
+    return [plan.local_sizes[i] * world_size / plan.global_size(i) for i in range(len(plan))]
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Replace each parameter's gradient by its average over the ranks, in one all-reduce
+    (a parameter without a gradient counts as zeros)."""
+    if not params:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
+def broadcast_buffers(modules_or_tensors: list) -> None:
+    """Every rank takes rank 0's values of these tensors (of these modules' buffers)."""
+    import torch.distributed as dist
+
+    for item in modules_or_tensors:
+        for b in (item.buffers() if isinstance(item, nn.Module) else (item,)):
+            dist.broadcast(b, src=0)
 
 
 def local_device(device: torch.device, world: World) -> torch.device:
@@ -267,37 +310,19 @@ class DataParallel:
         return self.group.size
 
     def loss_scales(self, loader) -> list[float]:
-        """Per step of `loader`'s plan: b_r * W / B (plain ints; 1.0 for a full batch)."""
-        plan, w = loader.plan, self.group.size
-        return [plan.local_sizes[i] * w / plan.global_size(i) for i in range(len(plan))]
+        """Per step of `loader`'s plan: b_r * W / B (`loss_scales`)."""
+        return loss_scales(loader, self.group.size)
 
     def after_backward(self) -> None:
         """Average the gradients of the distiller's own modules (DDP averages the
         student's); a rank whose modules got none sends zeros."""
-        if not self.distiller_params:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                 for p in self.distiller_params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(self.group.size)
-        offset = 0
-        for p in self.distiller_params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p)
-            offset += n
+        average_gradients(self.distiller_params, self.group.size)
 
     def end_epoch(self) -> None:
         """Every rank takes rank 0's buffers (BN running statistics of the student, the
         distiller and a teacher in training mode): the model each rank evaluates is the
         one rank 0 saves."""
-        import torch.distributed as dist
-
-        for module in self.shared:
-            for b in module.buffers():
-                dist.broadcast(b, src=0)
+        broadcast_buffers(self.shared)
 
 
 def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
@@ -319,8 +344,7 @@ def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
     ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     forward: Callable = ddp
     if compile:
-        mode = _NO_CUDAGRAPHS.get(compile_mode, compile_mode)
-        forward = torch.compile(ddp, mode=mode, dynamic=False)
+        forward = torch.compile(ddp, mode=ddp_compile_mode(compile_mode), dynamic=False)
     state.forward = forward
     state.all_reduce = group.all_reduce
     params = [p for p in distiller.parameters() if p.requires_grad]

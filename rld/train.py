@@ -53,7 +53,9 @@ def main(cfg: DictConfig) -> float:
             engine.record_failure(cfg, run_dir, str(e))
         return float("nan")
     except Exception as e:
-        if not multirun:
+        if not multirun or find_world().distributed:
+            # a data-parallel rank alone may meet it: the ranks cannot go on in step, so
+            # the process ends (torchrun or srun ends the others; the rerun resumes)
             raise
         # one broken point must not take the sweep down: record it and go on
         log.error("this grid point failed:\n%s", traceback.format_exc())

@@ -153,6 +153,50 @@ def test_killed_rank_ends_the_job_and_the_rerun_resumes_exactly(teacher_root):
         assert a[key] == b[key], key
 
 
+def _assert_same_history(a: Path, b: Path) -> None:
+    """b's loss history equals a's to 1e-5 relative; accuracies within one sample."""
+    h1, h2 = _history(a), _history(b)
+    assert [r["epoch"] for r in h1] == [r["epoch"] for r in h2] == [1, 2]
+    for x, y in zip(h1, h2):
+        for key in ("loss", "loss_ce", "loss_rld"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=0), (x["epoch"], key)
+        for key, n in (("train_top1", 193), ("test_top1", 101), ("test_top5", 101)):
+            assert abs(y[key] - x[key]) < 1.01 * 100 / n, (x["epoch"], key)
+
+
+@pytest.mark.slow
+def test_a_pack_on_two_ranks_trains_each_point_as_its_data_parallel_run(teacher_root):
+    """A pack of two RLD points on two ranks.  Loop mode under torchrun, sync BN: the point
+    equals its one-process run to 1e-5 (each student a DDP rank), rank 0 alone writes.  vmap
+    mode in a 2-task submitit job (the Slurm path), per-rank BN: the point equals its
+    separate 2-rank torchrun run to 1e-5 (stacked gradients averaged over the ranks, rank
+    0's stacked BN buffers)."""
+    root = teacher_root
+    run_train(root, *EQUAL, "tag=pack1")
+    out = torchrun(root, "-m", *EQUAL, "distiller.beta=8,2", "hydra/launcher=packed",
+                   "tag=pack2")
+    one, two = _run_dir(root, "pack1"), _run_dir(root, "pack2", "beta=8,")
+    _assert_same_history(one, two)
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["world_size"] == 2 and m2["packed"] == {"points": 2, "mode": "loop"}
+    assert _files(two) == _files(one)
+    log = (two / "train.log").read_text()
+    assert log.count("epoch 2/2") == 1 and log.count("pack of 2 points (loop) on 2 proc") == 1
+    assert (out.stdout + out.stderr).count("done: top-1") == 2  # rank 0's, one per point
+
+    per_rank_bn = [o for o in EQUAL if not o.startswith("trainer.sync_bn")]
+    torchrun(root, *per_rank_bn, "tag=ddp_bn")
+    run_train(root, "-m", *per_rank_bn, "distiller.beta=8,2", "hydra/launcher=submitit_local",
+              "hydra.launcher.tasks_per_node=2", "+hydra.launcher.pack=2",
+              "+hydra.launcher.pack_mode=vmap", "tag=pack_vmap")
+    vm = _run_dir(root, "pack_vmap", "beta=8,")
+    _assert_same_history(_run_dir(root, "ddp_bn"), vm)
+    m = json.loads((vm / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["packed"] == {"points": 2, "mode": "vmap"}
+    assert sorted(p.name for p in (vm / ".hydra").iterdir()) == [
+        "config.yaml", "hydra.yaml", "overrides.yaml"]
+
+
 def test_indivisible_global_batch_is_one_line_before_any_work(tmp_path):
     proc = torchrun(tmp_path, *SMALL, "trainer.batch_size=63", check=False, timeout=120)
     assert proc.returncode != 0
@@ -182,6 +226,19 @@ def test_what_a_data_parallel_run_refuses(overrides, key):
     validate(cfg, World(0, 1))  # one process takes them (CUDA is checked later)
     with pytest.raises(ConfigError, match=r"^" + key.replace("(", r"\(")):
         validate(cfg, World(1, 2))
+
+
+def test_pack_mode_under_sync_bn_is_the_loop():
+    """Batch norm synchronised over ranks cannot run under vmap: auto picks the loop there,
+    vmap asked for is refused with the key to change."""
+    from rld.packed.students import resolve_mode
+    from rld.validate import ConfigError
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert resolve_mode("auto", cuda, bf16) == "vmap"
+    assert resolve_mode("auto", cuda, bf16, sync_bn=True) == "loop"
+    with pytest.raises(ConfigError, match="trainer.sync_bn"):
+        resolve_mode("vmap", cuda, bf16, sync_bn=True)
 
 
 def test_rank_overrides_keep_hydra_files_to_rank_0(monkeypatch):

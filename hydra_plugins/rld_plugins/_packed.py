@@ -133,6 +133,7 @@ def job_value(cfg: DictConfig, run_dir: Path, outcome: Any) -> float:
     from rld.packed import point_label, point_scope
     from rld.record import RunRecord
     from rld.validate import ConfigError
+    from rld.world import find_world
 
     if isinstance(outcome, RunRecord):
         return outcome.objective(cfg.objective)
@@ -144,7 +145,8 @@ def job_value(cfg: DictConfig, run_dir: Path, outcome: Any) -> float:
             rld_log.error("this grid point failed:\n%s",
                           "".join(traceback.format_exception(outcome)))
             message = f"{type(outcome).__name__}: {outcome}"
-        engine.record_failure(cfg, run_dir, message)
+        if find_world().main:  # a data-parallel pack: rank 0 writes
+            engine.record_failure(cfg, run_dir, message)
     return math.nan
 
 
@@ -234,9 +236,14 @@ class PackJob:
 
             device = _gpus.pin_process(self.slot_pool)
             log.info("pack of %d job(s): CUDA_VISIBLE_DEVICES=%s", len(unit), device)
+        from rld.world import rank_overrides
+
         Singleton.set_state(singleton_state)
         setup_globals()
         job_id = submitit.JobEnvironment().job_id
+        # the tasks of a multi-task job are the ranks of a data-parallel pack: rank 0 alone
+        # writes the jobs' Hydra files and logs
+        unit = [(idx, [*o, *rank_overrides(o)]) for idx, o in unit]
         return run_unit(self.hydra_context, self.config, self.task_function, unit,
                         self.pack_mode, job_id=lambda idx, cfg: job_id)
 

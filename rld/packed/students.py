@@ -18,6 +18,14 @@ return, per point, what `rld.loop.train_step` returns: (loss terms, total loss, 
   kept beside the stack and brought up to date by `sync()` (checkpoints, evaluation,
   `student.pt` use them), so a packed point's files are a separate run's.
 
+Data-parallel (a pack over the ranks of torchrun or a multi-task Slurm job): every rank steps
+its share of each global batch.  In the loop each point's `TrainState` is a DDP rank
+(`rld.distributed.data_parallel`, as in its separate data-parallel run); in vmap the stacked
+gradients are averaged over the ranks in one all-reduce per step and the stacked batch-norm
+buffers follow rank 0's at each epoch's end, which is what DDP gives a separate run.  Each
+rank's loss is scaled by b_r * W / B (`rld.distributed.loss_scales`), and a rank's empty
+share of a last global batch takes part in the all-reduce with zero gradients.
+
 Measured on a 2-core CPU (resnet32x4 -> resnet8x4, batch 64, fp32): vmap's grouped
 convolutions are slower than K plain ones there (mkldnn's grouped backward), so the CPU
 default is the loop; on CUDA the default is vmap (see README, "Packing").
@@ -32,21 +40,29 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from rld.loop import CUDAGRAPH_MODES, TrainState, evaluate, train_step
+from rld.loop import CUDAGRAPH_MODES, TrainState, empty_step, evaluate, train_step
 
 MODES = ("auto", "loop", "vmap")
 
 
-def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`auto`: vmap on CUDA, the loop elsewhere and with fp16 (whose gradient scaler skips
-    steps per point, which one stacked optimiser cannot do)."""
+def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype,
+                 sync_bn: bool = False) -> str:
+    """`auto`: vmap on CUDA, the loop elsewhere, with fp16 (whose gradient scaler skips
+    steps per point, which one stacked optimiser cannot do) and with batch norm synchronised
+    over ranks (`sync_bn`: its all-reduce inside the layer cannot run under vmap)."""
+    from rld.validate import ConfigError
+
     if mode not in MODES:
-        raise ValueError(f"pack mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ConfigError(f"pack mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
-        return "vmap" if device.type == "cuda" and dtype != torch.float16 else "loop"
+        vmap_ok = device.type == "cuda" and dtype != torch.float16 and not sync_bn
+        return "vmap" if vmap_ok else "loop"
     if mode == "vmap" and dtype == torch.float16:
-        raise ValueError("pack mode vmap does not take fp16 (one gradient scaler per point): "
-                         "use mode loop or trainer.precision=bf16")
+        raise ConfigError("pack mode vmap does not take fp16 (one gradient scaler per "
+                          "point): use mode loop or trainer.precision=bf16")
+    if mode == "vmap" and sync_bn:
+        raise ConfigError("pack mode vmap does not take trainer.sync_bn=true (batch norm "
+                          "synchronised over the ranks): use mode loop")
     return mode
 
 
@@ -71,12 +87,24 @@ class LoopStudents:
     def set_lr(self, lr: float) -> None:
         """Nothing: each point's optimiser follows its own scheduler."""
 
-    def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int) -> list[tuple]:
+    def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int,
+             loss_scale: float | None = None) -> list[tuple]:
         self._teacher_out = teacher_out
         try:
-            return [train_step(s, x, y, epoch) for s in self.states]
+            return [train_step(s, x, y, epoch, loss_scale=loss_scale) for s in self.states]
         finally:
             self._teacher_out = None
+
+    def empty_step(self, x: Tensor) -> None:
+        """A data-parallel rank's empty share of a last global batch (`rld.loop.empty_step`)."""
+        for s in self.states:
+            empty_step(s, x)
+
+    def end_epoch(self) -> None:
+        """Data-parallel: every rank takes rank 0's buffers."""
+        for s in self.states:
+            if s.parallel is not None:
+                s.parallel.end_epoch()
 
     def sync(self) -> None:
         """Nothing: the points' own models and optimisers are the ones trained."""
@@ -88,17 +116,22 @@ class LoopStudents:
 class VmapStudents:
     """The K students as one batched model: stacked parameters and buffers, vmap'd forward,
     one SGD over the stack.  Needs students of one architecture and logit distillers
-    without parameters of their own (the packable ones)."""
+    without parameters of their own (the packable ones).  With `group`
+    (`rld.distributed.Group`), one rank of a data-parallel pack."""
 
     mode = "vmap"
 
     def __init__(self, states: list[TrainState], compile: bool = False,
-                 compile_mode: str = "default"):
+                 compile_mode: str = "default", group=None):
         if any(s.scaler is not None for s in states):
             raise ValueError("VmapStudents does not take fp16 gradient scalers")
         if any(list(s.distiller.parameters()) for s in states):
             raise ValueError("VmapStudents takes distillers without parameters only")
-        self.states = states
+        self.states, self.group = states, group
+        if group is not None:
+            from rld.distributed import ddp_compile_mode
+
+            compile_mode = ddp_compile_mode(compile_mode)
         models = [s.student for s in states]
         self.params, self.buffers = stack_module_state(models)
         # the structure alone, without memory: functional_call supplies every tensor
@@ -142,8 +175,10 @@ class VmapStudents:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int) -> list[tuple]:
-        """One step of every point; a point's loss is its separate run's on its slice."""
+    def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int,
+             loss_scale: float | None = None) -> list[tuple]:
+        """One step of every point; a point's loss is its separate run's on its slice
+        (scaled by `loss_scale` for the backward pass of a data-parallel rank)."""
         self.optimizer.zero_grad(set_to_none=True)
         s0 = self.states[0]
         with s0.autocast():
@@ -152,9 +187,31 @@ class VmapStudents:
                      for k, s in enumerate(self.states)]
         losses = [torch.stack(list(t.values())).sum() for t in terms]
         # the sum's gradient is 1 for every point: each slice gets its own point's gradient
-        torch.stack(losses).sum().backward()
-        self.optimizer.step()
+        total = torch.stack(losses).sum()
+        (total if loss_scale is None or loss_scale == 1.0 else total * loss_scale).backward()
+        self._descend()
         return [(t, loss, logits[k]) for k, (t, loss) in enumerate(zip(terms, losses))]
+
+    def empty_step(self, x: Tensor) -> None:
+        """A data-parallel rank's empty share of a last global batch: zero gradients into
+        the all-reduce, then the step with the other ranks' average."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._descend()
+
+    def _descend(self) -> None:
+        if self.group is not None:
+            from rld.distributed import average_gradients
+
+            average_gradients(list(self.params.values()), self.group.size)
+        self.optimizer.step()
+
+    def end_epoch(self) -> None:
+        """Data-parallel: every rank takes rank 0's stacked buffers (BN running statistics,
+        which DDP gives a separate run)."""
+        if self.group is not None:
+            from rld.distributed import broadcast_buffers
+
+            broadcast_buffers(list(self.buffers.values()))
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -191,6 +248,11 @@ class VmapStudents:
             sums = row.float() if sums is None else sums + row
             n += y.shape[0]
         self.base.train()
+        if sums is None:  # a rank without test samples
+            sums = torch.zeros(len(self.states), 2, device=s0.device)
+        if self.group is not None:
+            total = self.group.all_reduce(torch.cat([sums.reshape(-1), sums.new_full((1,), n)]))
+            sums, n = total[:-1].view(-1, 2), total[-1].item()
         return [(100.0 * a / n, 100.0 * b / n) for a, b in sums.tolist()]
 
 
@@ -202,8 +264,9 @@ def teacher_output(state: TrainState, teacher_fn, x: Tensor):
 
 
 def build_students(states: list[TrainState], mode: str, compile: bool = False,
-                   compile_mode: str = "default"):
-    """The strategy `mode` (resolved: loop | vmap) over the points' states."""
+                   compile_mode: str = "default", group=None):
+    """The strategy `mode` (resolved: loop | vmap) over the points' states; with `group`,
+    one rank of a data-parallel pack (loop: the states are DDP ranks already)."""
     if mode == "vmap":
-        return VmapStudents(states, compile, compile_mode)
+        return VmapStudents(states, compile, compile_mode, group)
     return LoopStudents(states)

@@ -15,6 +15,14 @@ stops alone (`diverged`); a point whose config or run directory is unusable fail
 out-of-memory error on a pack's first step cuts the pack in two and trains the halves one
 after the other.
 
+Under torchrun or in a Slurm job of several tasks, every process trains the same pack as
+one rank of a data-parallel run (a pack on several GPUs): each point as its separate
+data-parallel run (`rld.engine.run_parallel`) trains, rank 0 deciding (recall, locks) and
+alone writing, every rank stepping its share of each global batch with one teacher forward
+for all points.  The ranks must stay in step, so an error that one rank alone meets (out
+of memory included) ends the process, and torchrun or srun the job; running the command
+again resumes every point.
+
 Initial weights equal a separate run's: each student is built from the global RNG state a
 separate run has at that moment (seeded, data built, teacher built if it distils).  Logit
 distillers and the models draw no random numbers while training, so each point's stored RNG
@@ -42,8 +50,10 @@ from rld.engine import (
     RunBook,
     RunDir,
     RunError,
+    agreed_fingerprint,
     build_data,
     build_student,
+    check_same_start,
     distills,
     load_teacher,
     load_training_state,
@@ -57,6 +67,7 @@ from rld.loop import CUDAGRAPH_MODES, Progress, evaluate
 from rld.packed.students import build_students, resolve_mode, teacher_output
 from rld.reproduce import fingerprint, flatten, rng_state, seed_everything, set_rng_state
 from rld.validate import ConfigError, validate
+from rld.world import find_world
 
 log = logging.getLogger("rld")
 
@@ -201,49 +212,79 @@ class Point:
 
 def train_pack(cfgs: list, run_dirs: list, mode: str = "auto") -> list:
     """Train (or resume, or recall) the points `cfgs` (one `pack_key`) in `run_dirs`, in this
-    process; per point its `RunRecord` or the exception that stopped it (ConfigError,
-    RunError, ...: the caller records it as a failure)."""
+    process (one rank of a data-parallel pack under torchrun or a multi-task Slurm job); per
+    point its `RunRecord` or the exception that stopped it (ConfigError, RunError, ...: the
+    caller records it as a failure)."""
     points = [Point(cfg, Path(d)) for cfg, d in zip(cfgs, run_dirs, strict=True)]
     firsts: dict[Path, Point] = {}
     for p in points:  # a run directory named twice (a setting its distiller does not read)
         firsts.setdefault(p.run_dir.resolve(), p)
     unique = list(firsts.values())
+    world = find_world()
     for p in unique:
         with p.scope():
-            _prepare(p)
+            _check(p, world)
     keys = {pack_key(p.cfg) for p in unique if p.open}
     if len(keys) > 1:
         raise ValueError("train_pack: the points differ in more than their distiller "
                          "(group them with plan_packs)")
-    with ExitStack() as locks:
-        todo = []
-        for p in unique:
-            if p.open:
-                try:
-                    locks.enter_context(run_lock(p.run_dir))
-                    todo.append(p)
-                except RunError as e:
-                    p.outcome = e
-        if todo:
-            _train_cut(todo, mode)
+    valid = [p for p in unique if p.open]
+    if valid and world.distributed:
+        from rld.distributed import process_group
+
+        if not world.main:
+            log.setLevel(logging.WARNING)
+        t = valid[0].cfg.trainer
+        device, _ = setup_device(t, world)
+        with process_group(world, device, t.dist_timeout_s) as group:
+            _lock_and_train(valid, mode, group)
+    elif valid:
+        _lock_and_train(valid, mode, None)
     return [firsts[p.run_dir.resolve()].outcome for p in points]
 
 
-def _prepare(p: Point) -> None:
-    """Validate, take the fingerprint, recall a finished run."""
-    from rld.world import find_world
-
+def _check(p: Point, world) -> None:
+    """The point's config, checked before any work (the same on every rank)."""
     try:
-        validate(p.cfg)
-        if find_world().distributed:
-            raise ConfigError("hydra.launcher.pack: a pack trains several points in one "
-                              "process; it does not combine with data-parallel runs "
-                              "(torchrun, several Slurm tasks): set pack=null or 1")
+        validate(p.cfg, world)
         if pack_key(p.cfg) is None:
             raise ConfigError(f"distiller={p.cfg.distiller.name}: a pack holds "
                               f"{', '.join(PACKABLE)} points only")
-        p.fp = fingerprint(p.cfg, teacher_identity(p.cfg))
-        done = RunDir(p.run_dir).recall(p.fp)
+    except (ConfigError, RunError) as e:
+        p.outcome = e
+
+
+def _lock_and_train(points: list[Point], mode: str, group) -> None:
+    """Recall the finished points, lock the others' run directories and train them (rank 0
+    decides for every rank of `group`)."""
+    with ExitStack() as locks:
+        todo = []
+        for p in points:
+            with p.scope():
+                _recall(p, group)
+            if not p.open:
+                continue
+            try:
+                if group is None:
+                    locks.enter_context(run_lock(p.run_dir))
+                else:
+                    group.on_main(lambda p=p: locks.enter_context(run_lock(p.run_dir)))
+                todo.append(p)
+            except RunError as e:
+                p.outcome = e
+        if todo:
+            _train_cut(todo, mode, group)
+
+
+def _recall(p: Point, group) -> None:
+    """Take the fingerprint (agreed by the ranks of `group`), recall a finished run."""
+    try:
+        if group is None:
+            p.fp = fingerprint(p.cfg, teacher_identity(p.cfg))
+            done = RunDir(p.run_dir).recall(p.fp)
+        else:
+            p.fp = agreed_fingerprint(p.cfg, group)
+            done = group.on_main(lambda: RunDir(p.run_dir).recall(p.fp))
         if done is not None:
             log.info("run already finished (%s): %s", done.status, p.run_dir)
             p.outcome = done
@@ -251,13 +292,19 @@ def _prepare(p: Point) -> None:
         p.outcome = e
 
 
-def _train_cut(points: list[Point], mode: str) -> None:
+def _train_cut(points: list[Point], mode: str, group) -> None:
     """Train the pack; when its first step runs out of memory, the two halves one after
     the other (a pack of one fails with the error).  Any other error stops every point
-    still open with it."""
+    still open with it; in a data-parallel pack, an error that is not the same on every rank
+    (all but the input errors) ends the process."""
     try:
-        _train(points, mode)
+        _train(points, mode, group)
     except PackTooLarge as e:
+        if group is not None:  # one rank's memory: the others wait in a collective
+            raise RuntimeError(f"out of device memory on rank {group.rank} with a pack of "
+                               f"{len(points)} points ({e}): set hydra.launcher.pack="
+                               f"{max(1, len(points) // 2)} or lower trainer.batch_size"
+                               ) from None
         for p in points:
             p.state = p.scheduler = p.book = None
         gc.collect()
@@ -271,9 +318,11 @@ def _train_cut(points: list[Point], mode: str) -> None:
         log.warning("a pack of %d points does not fit in device memory: training packs of "
                     "%d and %d (set hydra.launcher.pack=%d to start there)", len(points),
                     half, len(points) - half, half)
-        _train_cut(points[:half], mode)
-        _train_cut(points[half:], mode)
+        _train_cut(points[:half], mode, group)
+        _train_cut(points[half:], mode, group)
     except Exception as e:  # noqa: BLE001 - the points fail (recorded by the caller)
+        if group is not None and not isinstance(e, ConfigError | RunError):
+            raise
         log.error("the pack stopped: %s: %s", type(e).__name__, e)
         for p in points:
             if p.open:
@@ -285,14 +334,15 @@ def _eager(cfg):
     return OmegaConf.merge(cfg, {"trainer": {"compile": False}}) if cfg.trainer.compile else cfg
 
 
-def _train(points: list[Point], mode: str) -> None:
+def _train(points: list[Point], mode: str, group) -> None:
     """Set up the shared parts and every point (resume or fresh), train, finish."""
     cfg0 = points[0].cfg
     t = cfg0.trainer
-    device, dtype = setup_device(t)
-    mode = resolve_mode(mode, device, dtype)
+    world = group.world if group is not None else None
+    device, dtype = setup_device(t, world)
+    mode = resolve_mode(mode, device, dtype, sync_bn=group is not None and bool(t.sync_bn))
     seed_everything(int(cfg0.seed))
-    data = build_data(cfg0, device)
+    data = build_data(cfg0, device, world)
     rng_plain, teacher = rng_state(), None
     distilling = [p for p in points if distills(p.cfg)]
     if distilling:
@@ -306,34 +356,51 @@ def _train(points: list[Point], mode: str) -> None:
         if p.open:
             with p.scope():
                 _setup_point(p, data, teacher, device, dtype,
-                             rng_teacher if distills(p.cfg) else rng_plain, mode)
+                             rng_teacher if distills(p.cfg) else rng_plain, mode, group)
     live = [p for p in points if p.open]
+    size = group.size if group is not None else 1
     try:
         _evaluate_teacher(live, teacher, data)
         for p in live:
             with p.scope():
-                p.book.begin(device, dtype)
+                p.book.begin(device, dtype, world_size=size)
                 p.book.record.extra["packed"] = {"points": len(live), "mode": mode}
-                p.book.record.write(p.run_dir)
+                if p.book.writes:
+                    p.book.record.write(p.run_dir)
         if live:
-            log.info("pack of %d points (%s) on %s", len(live), mode, device)
-            _run_epochs(live, data, teacher, mode)
+            where = f"{size} processes ({device.type}, rank 0 on {device})" if size > 1 \
+                else str(device)
+            log.info("pack of %d points (%s) on %s", len(live), mode, where)
+            _run_epochs(live, data, teacher, mode, group)
     finally:
         for p in live:
             if p.book is not None:
                 p.book.close()
 
 
-def _setup_point(p: Point, data, teacher, device, dtype, rng: dict, mode: str) -> None:
+def _setup_point(p: Point, data, teacher, device, dtype, rng: dict, mode: str,
+                 group) -> None:
     """The point's student, optimiser and schedule, resumed from its checkpoint if any.  In
-    loop mode the student steps as in its separate run (compiled with trainer.compile)."""
+    loop mode the student steps as in its separate run (compiled with trainer.compile; a
+    DDP rank in a data-parallel pack)."""
     try:
         set_rng_state(rng)
         cfg = p.cfg if mode == "loop" else _eager(p.cfg)
         p.state, p.scheduler = build_student(cfg, data, teacher if distills(p.cfg) else None,
                                              device, dtype)
-        p.book = RunBook(p.cfg, RunDir(p.run_dir), p.fp)
+        if group is not None and mode == "loop":
+            from rld.distributed import data_parallel
+
+            t = cfg.trainer
+            data_parallel(p.state, group, sync_bn=t.sync_bn, compile=t.compile,
+                          compile_mode=t.compile_mode)
+        elif group is not None:  # vmap: the stack averages its gradients itself
+            p.state.all_reduce = group.all_reduce
+        p.book = RunBook(p.cfg, RunDir(p.run_dir), p.fp,
+                         writes=group is None or group.world.main)
         found = p.book.dir.load_checkpoint(p.fp, device) if p.cfg.trainer.resume else None
+        if group is not None:
+            check_same_start(group, p.book.dir, found)
         if found is not None:
             load_training_state(p.state, p.scheduler, found[0])
             p.book.restore(*found)
@@ -354,7 +421,7 @@ def _evaluate_teacher(points: list[Point], teacher, data) -> None:
 
 
 # ------------------------------------------------------------------------------ epochs
-def _run_epochs(live: list[Point], data, teacher, mode: str) -> None:
+def _run_epochs(live: list[Point], data, teacher, mode: str, group) -> None:
     """Every point's remaining epochs; at each epoch the points that have reached it train
     together (lagging points alone first)."""
     t = live[0].cfg.trainer
@@ -366,7 +433,7 @@ def _run_epochs(live: list[Point], data, teacher, mode: str) -> None:
             else teacher
     cudagraphs = bool(t.compile) and compile_mode in CUDAGRAPH_MODES \
         and live[0].state.device.type == "cuda"
-    progress = Progress(t.progress, t.log_every_s)
+    progress = Progress(t.progress if live[0].book.writes else "none", t.log_every_s)
     members, students, first = None, None, True
     for epoch in range(min(p.book.start for p in live), epochs + 1):
         active = [p for p in live if p.open and p.book.start <= epoch]
@@ -375,15 +442,16 @@ def _run_epochs(live: list[Point], data, teacher, mode: str) -> None:
         if active != members:
             members = active
             students = build_students([p.state for p in active], mode, bool(t.compile),
-                                      compile_mode)
+                                      compile_mode, group)
         e0 = time.time()
         lr = active[0].state.optimizer.param_groups[0]["lr"]
         students.train()
         students.set_lr(lr)
         data.train.set_epoch(epoch)
         stats = _train_epoch(students, active, data.train, teacher_fn, epoch, epochs,
-                             progress, first, cudagraphs)
+                             progress, first, cudagraphs, group)
         first = False
+        students.end_epoch()
         students.sync()
         scores = students.evaluate(data.test)
         for p, stat, (top1, top5) in zip(active, stats, scores, strict=True):
@@ -413,10 +481,11 @@ def _epoch_done(p: Point, stat: dict | str, epoch: int, lr: float, top1: float,
 
 
 def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, epochs: int,
-                 progress: Progress, first: bool, cudagraphs: bool) -> list[dict | str]:
+                 progress: Progress, first: bool, cudagraphs: bool,
+                 group) -> list[dict | str]:
     """One epoch of every active point; per point its stats (as `rld.loop.train_epoch`
-    returns them) or the message of its first non-finite step.  Sums stay on the device
-    and are read once."""
+    returns them, over the global batches of a data-parallel pack) or the message of its
+    first non-finite step.  Sums stay on the device and are read once."""
     s0 = active[0].state
     k = len(active)
     needs_teacher = teacher_fn is not None and any(distills(p.cfg) for p in active)
@@ -424,16 +493,27 @@ def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, 
     names: list = [[]] * k
     count = 0
     first_bad = torch.full((k,), -1.0, device=s0.device)
+    scales = None
+    if group is not None:
+        from rld.distributed import loss_scales
+
+        scales = loss_scales(loader, group.size)
     progress.start(epoch, epochs, len(loader))
     for step, batch in enumerate(loader):
         x, y = batch[0], batch[1]
+        if y.shape[0] == 0:  # this rank's empty share of the last global batch
+            students.empty_step(x)
+            # never a rank's first batch: the sums exist
+            progress.update(lambda c=count: sum(s[-2].item() for s in sums) / (c * k))
+            continue
         try:
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             out_t = teacher_output(s0, teacher_fn, x) if needs_teacher else None
             if cudagraphs and out_t is not None:  # out of the graphs' pool: the students'
                 out_t = out_t.clone()  # replays (loop mode marks a step each) may reuse it
-            results = students.step(x, y, out_t, epoch)
+            results = students.step(x, y, out_t, epoch,
+                                    None if scales is None else scales[step])
         except torch.OutOfMemoryError as e:
             if first and step == 0:
                 raise PackTooLarge(str(e).splitlines()[0]) from None
@@ -451,15 +531,21 @@ def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, 
             first_bad = torch.where(bad, torch.full_like(first_bad, step + 1), first_bad)
         progress.update(lambda c=count: sum(s[-2].item() for s in sums) / (c * k))
     progress.end()
-    values = torch.cat([*(s.float() for s in sums), first_bad]).tolist()  # one host read
+    bad = (first_bad > 0).float()
+    stats = torch.cat([*(s.float() for s in sums), first_bad.new_full((1,), count), bad,
+                       first_bad.clamp(min=0) * bad])
+    if group is not None:
+        stats = group.all_reduce(stats)
+    values = stats.tolist()  # the epoch's one host read
+    count = values[-2 * k - 1]
     out: list[dict | str] = []
     start = 0
     for j in range(k):
         row = values[start:start + len(names[j]) + 2]
         start += len(row)
-        bad_step = values[-k + j]
-        if bad_step > 0:
-            out.append(f"non-finite loss at epoch {epoch}, step {round(bad_step)}")
+        n_bad, bad_steps = values[-2 * k + j], values[-k + j]
+        if n_bad > 0:  # the first non-finite step (averaged over the ranks that saw one)
+            out.append(f"non-finite loss at epoch {epoch}, step {round(bad_steps / n_bad)}")
             continue
         stat = {f"loss_{name}": v / count for name, v in zip(names[j], row)}
         stat["loss"] = row[-2] / count
