@@ -374,6 +374,15 @@ def pair_problem(name: str, cfg, s_shapes: dict, t_shapes: dict,
     return None
 
 
+def data_parallel_problem(name: str, world_size: int) -> str | None:
+    """Why distiller `name` cannot train as one run over `world_size` processes (None: it
+    can)."""
+    if name == "crd" and world_size > 1:
+        return (f"CRD's memory of every sample and its negatives drawn per process would "
+                f"diverge over {world_size} ranks: run it on one process")
+    return None
+
+
 # Values of the feature distillers' own keys: (distiller, key, test, what is allowed).
 _SETTING_RULES = (
     ("crd", "feat_dim", lambda v: v >= 1, "must be >= 1"),

@@ -62,11 +62,14 @@ def validate(cfg, world=None) -> None:
     _require(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
     _require(t.dist_timeout_s > 0, "trainer.dist_timeout_s", t.dist_timeout_s, "must be > 0")
     if world is not None:
+        from rld.feature_distillers import data_parallel_problem
         from rld.world import world_problem
 
         problem = world_problem(cfg, world)
         if problem is not None:
             _require(False, *problem)
+        reason = data_parallel_problem(str(d.name), world.size)
+        _require(reason is None, "distiller", str(d.name), reason)
     _require(cfg.dataset.num_classes >= 2, "dataset.num_classes", cfg.dataset.num_classes,
              "must be >= 2")
     device = str(t.device)

@@ -63,8 +63,9 @@ def _submitit_world() -> World:
 
 
 def world_problem(cfg, world: World) -> tuple[str, Any, str] | None:
-    """(key, value, what is allowed) of the first setting this world cannot run; None when
-    it can (rld.validate turns it into a ConfigError)."""
+    """(key, value, what is allowed) of the first trainer setting this world cannot run; None
+    when it can (rld.validate turns it into a ConfigError; a distiller's own limits:
+    `rld.feature_distillers.data_parallel_problem`)."""
     if not world.distributed:
         return None
     t, w = cfg.trainer, world.size
@@ -72,9 +73,6 @@ def world_problem(cfg, world: World) -> tuple[str, Any, str] | None:
         return ("trainer.batch_size", t.batch_size,
                 f"the global batch must divide over the {w} ranks of this job; use a "
                 f"multiple of {w}")
-    if str(cfg.distiller.name) == "crd":
-        return ("distiller", "crd", f"CRD's memory of every sample and its negatives drawn "
-                f"per process would diverge over {w} ranks: run it on one process")
     if str(t.device).startswith("cuda:"):
         return ("trainer.device", str(t.device),
                 f"each of the {w} ranks takes cuda:LOCAL_RANK: use auto or cuda")

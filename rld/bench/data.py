@@ -102,6 +102,44 @@ def time_dataloader(images, labels, batch_size: int, device: Any, seed: int, wor
     return time.perf_counter() - t0
 
 
+def _measure_cifar(args, device) -> list[dict]:
+    """Both CIFAR input paths over the same synthetic images: one full pass each."""
+    import torch
+
+    ds = synthetic_cifar(args.images, args.seed)
+    images, labels = ds.train_images, ds.train_labels
+    n, b = args.images, args.batch_size
+    t_dl = time_dataloader(images, labels, b, device, args.seed, args.workers)
+    t_dev = time_device_loader(images, labels, b, device, args.seed)
+    dl_ips, dev_ips = n / t_dl, n / t_dev
+    common = dict(device=str(device), device_name=device_name(device), images=n,
+                  batch_size=b, torch_threads=torch.get_num_threads())
+    return [
+        dict(loader="torchvision_dataloader", workers=args.workers, seconds=round(t_dl, 4),
+             images_per_s=round(dl_ips, 1), speedup_vs_dataloader=1.0, **common),
+        dict(loader="device_loader", workers=0, seconds=round(t_dev, 4),
+             images_per_s=round(dev_ips, 1), speedup_vs_dataloader=round(dev_ips / dl_ips, 2),
+             **common),
+    ]
+
+
+def _print_rows(args, device, rows: list[dict]) -> None:
+    import torch
+
+    print(f"device: {device_name(device)} [{device}], torch threads: {torch.get_num_threads()}")
+    print(f"{args.images} synthetic 32x32 images, batch {args.batch_size}, one full pass each, "
+          f"start-up included (DataLoader: {args.workers} workers started; on-device: split "
+          f"copied to {device})")
+    print(f"{'loader':<34}{'seconds':>10}{'images/s':>12}{'ratio':>9}")
+    labels_txt = {
+        "torchvision_dataloader": f"torchvision DataLoader + PIL ({args.workers} w)",
+        "device_loader": "rld DeviceLoader (on device)",
+    }
+    for r in rows:
+        print(f"{labels_txt[r['loader']]:<34}{r['seconds']:>10.3f}{r['images_per_s']:>12.0f}"
+              f"{r['speedup_vs_dataloader']:>8.1f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="cifar", choices=["cifar", "imagenet"])
@@ -121,55 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             print("rld.bench data: --device cuda but CUDA is not available")
             return 2
         torch.zeros(1, device=device)  # context start-up is not the loader's
-    ds = synthetic_cifar(args.images, args.seed)
-    images, labels = ds.train_images, ds.train_labels
-    name = device_name(device)
-    n, b = args.images, args.batch_size
-
-    t_dl = time_dataloader(images, labels, b, device, args.seed, args.workers)
-    t_dev = time_device_loader(images, labels, b, device, args.seed)
-
-    dl_ips, dev_ips = n / t_dl, n / t_dev
-    common = dict(
-        device=str(device),
-        device_name=name,
-        images=n,
-        batch_size=b,
-        torch_threads=torch.get_num_threads(),
-    )
-    rows = [
-        dict(
-            loader="torchvision_dataloader",
-            workers=args.workers,
-            seconds=round(t_dl, 4),
-            images_per_s=round(dl_ips, 1),
-            speedup_vs_dataloader=1.0,
-            **common,
-        ),
-        dict(
-            loader="device_loader",
-            workers=0,
-            seconds=round(t_dev, 4),
-            images_per_s=round(dev_ips, 1),
-            speedup_vs_dataloader=round(dev_ips / dl_ips, 2),
-            **common,
-        ),
-    ]
-    print(f"device: {name} [{device}], torch threads: {torch.get_num_threads()}")
-    print(
-        f"{n} synthetic 32x32 images, batch {b}, one full pass each, start-up included "
-        f"(DataLoader: {args.workers} workers started; on-device: split copied to {device})"
-    )
-    print(f"{'loader':<34}{'seconds':>10}{'images/s':>12}{'ratio':>9}")
-    labels_txt = {
-        "torchvision_dataloader": f"torchvision DataLoader + PIL ({args.workers} w)",
-        "device_loader": "rld DeviceLoader (on device)",
-    }
-    for r in rows:
-        print(
-            f"{labels_txt[r['loader']]:<34}{r['seconds']:>10.3f}{r['images_per_s']:>12.0f}"
-            f"{r['speedup_vs_dataloader']:>8.1f}x"
-        )
+    rows = _measure_cifar(args, device)
+    _print_rows(args, device, rows)
     save_rows(args.out, rows, FIELDS)
     return 0
 

@@ -110,15 +110,14 @@ def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, fl
     return time.perf_counter() - t0, warm_s, compiled_graphs() - graphs
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _measure(args) -> dict:
+    """Time the fast path and (unless skipped) the reference on the same images."""
     import torch
 
     from rld.bench.common import device_name, distiller_config, synthetic_cifar
-    from rld.bench.step import Pair, bench_state, compile_note
+    from rld.bench.step import Pair, bench_state
     from rld.distillers import build_distiller
     from rld.engine import resolve_device, resolve_precision
-    from rld.io import write_text
     from rld.models import build_model
 
     device = resolve_device(args.device)
@@ -139,46 +138,48 @@ def main(argv=None) -> int:
     fast, warm_s, late = _fast_epoch(fast_step, ds, args.batch_size, device, warm)
     ref = None
     if not args.skip_reference:
-        ref = _reference_epoch(
-            step(torch.float32, False, False), ds, args.batch_size, args.workers, device, warm
-        )
-    name = device_name(device)
+        ref = _reference_epoch(step(torch.float32, False, False), ds, args.batch_size,
+                               args.workers, device, warm)
     prec = str(fast_dtype).removeprefix("torch.")
-    print(
-        f"one RLD epoch, {args.pair}, {images} synthetic 32x32 images, batch "
-        f"{args.batch_size}, on {name} (torch {torch.__version__})"
-    )
-    print(f"{'path':<70} {'seconds':>8} {'images/s':>9}")
-    rows = [
-        (
-            "fast",
-            f"device-resident data, {prec}, no per-step sync"
-            + (f", compile {args.compile_mode}" if args.compile else ""),
-            fast,
-        )
-    ]
+    rows = [{"path": "fast", "seconds": fast,
+             "description": f"device-resident data, {prec}, no per-step sync"
+             + (f", compile {args.compile_mode}" if args.compile else "")}]
     if ref is not None:
-        rows.append(
-            ("reference", f"DataLoader({args.workers} workers)+PIL, fp32, per-step .item()", ref)
-        )
-    for label, desc, sec in rows:
-        print(f"{label + ': ' + desc:<70} {sec:>8.2f} {images / sec:>9.0f}")
-    print(
-        f"fast path untimed warm-up ({warm} steps + the last batch's shape"
-        f"{', compilation included' * args.compile}): {warm_s:.1f} s; "
-        f"graphs compiled while timed: {late}{compile_note(args.compile)}"
-    )
+        rows.append({"path": "reference", "seconds": ref, "description":
+                     f"DataLoader({args.workers} workers)+PIL, fp32, per-step .item()"})
+    return {"rows": rows, "device": device_name(device), "images": images, "warm": warm,
+            "warm_s": warm_s, "late": late, "fast": fast, "ref": ref,
+            "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from rld.bench.step import compile_note
+    from rld.io import write_csv
+
+    m = _measure(args)
+    images, fast, ref = m["images"], m["fast"], m["ref"]
+    print(f"one RLD epoch, {args.pair}, {images} synthetic 32x32 images, batch "
+          f"{args.batch_size}, on {m['device']} (torch {m['torch']})")
+    print(f"{'path':<70} {'seconds':>8} {'images/s':>9}")
+    for row in m["rows"]:
+        label = f"{row['path']}: {row['description']}"
+        print(f"{label:<70} {row['seconds']:>8.2f} {images / row['seconds']:>9.0f}")
+    print(f"fast path untimed warm-up ({m['warm']} steps + the last batch's shape"
+          f"{', compilation included' * args.compile}): {m['warm_s']:.1f} s; "
+          f"graphs compiled while timed: {m['late']}{compile_note(args.compile)}")
     if ref is not None:
         print(f"speed-up of the fast path: {ref / fast:.2f}x")
-    lines = ["path,description,device,images,batch_size,seconds,images_per_s,speedup,warmup_s"]
-    for label, desc, sec in rows:
-        speed = f"{ref / fast:.3f}" if ref is not None and label == "fast" else ""
-        warm_col = f"{warm_s:.3f}" if label == "fast" else ""
-        lines.append(
-            f'{label},"{desc}",{name},{images},{args.batch_size},{sec:.3f},'
-            f"{images / sec:.1f},{speed},{warm_col}"
-        )
     if args.out:
-        write_text(Path(args.out), "\n".join(lines) + "\n")
+        fast_row = {"speedup": f"{ref / fast:.3f}" if ref is not None else "",
+                    "warmup_s": f"{m['warm_s']:.3f}"}
+        table = [{**row, "device": m["device"], "images": images,
+                  "batch_size": args.batch_size, "seconds": f"{row['seconds']:.3f}",
+                  "images_per_s": f"{images / row['seconds']:.1f}",
+                  **(fast_row if row["path"] == "fast" else {"speedup": "", "warmup_s": ""})}
+                 for row in m["rows"]]
+        write_csv(Path(args.out), table, ["path", "description", "device", "images",
+                                          "batch_size", "seconds", "images_per_s", "speedup",
+                                          "warmup_s"])
         print(f"wrote {args.out}")
     return 0

@@ -531,12 +531,20 @@ def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, 
             first_bad = torch.where(bad, torch.full_like(first_bad, step + 1), first_bad)
         progress.update(lambda c=count: sum(s[-2].item() for s in sums) / (c * k))
     progress.end()
+    return _epoch_stats(sums, names, count, first_bad, epoch, group)
+
+
+def _epoch_stats(sums: list, names: list, count: int, first_bad, epoch: int,
+                 group) -> list[dict | str]:
+    """Per point: its epoch's mean loss terms and train top-1 from the device sums (summed
+    over the ranks of `group`), or the message of its first non-finite step; one host read."""
+    k = len(sums)
     bad = (first_bad > 0).float()
     stats = torch.cat([*(s.float() for s in sums), first_bad.new_full((1,), count), bad,
                        first_bad.clamp(min=0) * bad])
     if group is not None:
         stats = group.all_reduce(stats)
-    values = stats.tolist()  # the epoch's one host read
+    values = stats.tolist()
     count = values[-2 * k - 1]
     out: list[dict | str] = []
     start = 0
