@@ -35,7 +35,8 @@ lint: install
 slurm-test: install
 	bash scripts/slurm/test.sh
 
-# every benchmark at its default size, except the grid: 4 points (16 take ~10 min on 2 cores)
+# every benchmark at its default size, except the grid: 4 points (16, both packed modes:
+# 5 min 46 s on a 2-core CPU)
 bench: install
 	$(BIN)/python -m rld.bench step
 	$(BIN)/python -m rld.bench data

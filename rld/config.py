@@ -201,6 +201,17 @@ def unread_settings(distiller: str | None) -> tuple[str, ...]:
     return tuple(f"distiller.{k}" for k in sorted(keys - set(DISTILLER_SETTINGS[distiller])))
 
 
+def distills(cfg) -> bool:
+    """Whether the run of a composed config distils from a teacher (role=teacher runs are
+    vanilla: `rld.validate`)."""
+    return str(cfg.distiller.name) != "vanilla"
+
+
+def trained_arch(cfg) -> str:
+    """The architecture a run trains: the pair's teacher for role=teacher, else its student."""
+    return str(cfg.pair.teacher if cfg.role == "teacher" else cfg.pair.student)
+
+
 def key_in(key: str, entries: tuple[str, ...]) -> bool:
     """Whether `key` is one of `entries` or starts with one of its prefixes."""
     return any(key == e or (e[-1] in "./" and key.startswith(e)) for e in entries)

@@ -39,6 +39,8 @@ class Distiller(nn.Module):
     # the teacher runs in training mode while the student trains (batch-norm on batch
     # statistics, its running statistics updated and saved with the run's checkpoints)
     teacher_train = False
+    # why it cannot train as one run over several processes (None: it can; rld.validate)
+    single_process: str | None = None
 
     def __init__(self, name: str, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  warmup: int = 0,

@@ -61,7 +61,7 @@ def ddp_compile_mode(mode: str) -> str:
 def loss_scales(loader, world_size: int) -> list[float]:
     """Per step of a sharded `loader` (`rld.data.PlannedLoader`): b_r * W / B, the factor
     that makes the average over W ranks of their scaled means the global batch's mean
-    (plain ints; 1.0 for a full batch)."""
+    (1.0 for a full batch)."""
     plan = loader.plan
     return [plan.local_sizes[i] * world_size / plan.global_size(i) for i in range(len(plan))]
 
@@ -283,31 +283,16 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- DDP
-class FeaturesForward(nn.Module):
-    """A model's `forward_features` as the forward that DDP wraps (feature distillers)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Any:
-        return self.model.forward_features(x)
-
-
 class DataParallel:
     """What one rank adds to a `TrainState` (`TrainState.parallel`, called by rld.loop):
     the loss scale of each step, the distiller's gradient average and the end-of-epoch
     agreement of buffers."""
 
-    def __init__(self, group: Group, ddp: nn.Module, distiller_params: list[nn.Parameter],
+    def __init__(self, group: Group, distiller_params: list[nn.Parameter],
                  shared: list[nn.Module]):
-        self.group, self.ddp = group, ddp
+        self.group = group
         self.distiller_params = distiller_params
         self.shared = shared  # modules whose buffers follow rank 0's at each epoch's end
-
-    @property
-    def world_size(self) -> int:
-        return self.group.size
 
     def loss_scales(self, loader) -> list[float]:
         """Per step of `loader`'s plan: b_r * W / B (`loss_scales`)."""
@@ -333,13 +318,15 @@ def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
     `student.pt` keep their keys)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from rld.models.features import FeaturesCall
+
     device, distiller = group.device, state.distiller
     shared: list[nn.Module] = [state.student, distiller]
     if distiller.teacher_train and state.teacher is not None:
         shared.append(state.teacher)
     if sync_bn:  # the student only: a rank with an empty share runs no teacher, no distiller
         convert_sync_batchnorm(state.student, device)
-    module = FeaturesForward(state.student) if distiller.needs_features else state.student
+    module = FeaturesCall(state.student) if distiller.needs_features else state.student
     # buffers (BN running statistics) follow rank 0's at every forward: DDP's default
     ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     forward: Callable = ddp
@@ -348,6 +335,6 @@ def data_parallel(state, group: Group, *, sync_bn: bool, compile: bool,
     state.forward = forward
     state.all_reduce = group.all_reduce
     params = [p for p in distiller.parameters() if p.requires_grad]
-    state.parallel = DataParallel(group, ddp, params, shared)
+    state.parallel = DataParallel(group, params, shared)
     return state.parallel
 

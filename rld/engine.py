@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from rld import io
+from rld.config import distills, trained_arch
 from rld.data import DataError, build_loaders
 from rld.data import resolve_device as resolve_data_device
 from rld.distillers import build_distiller
@@ -149,6 +151,13 @@ class RunDir:
                            f"({'; '.join(tried)}); pass trainer.resume=false to start over")
         return None
 
+    def start_over(self) -> None:
+        """Remove the checkpoints and TensorBoard events of an earlier process (a run
+        restarted with trainer.resume=false), so that no fallback finds them later."""
+        for path in (self.path / self.LAST, self.path / self.PREV):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.path / self.TENSORBOARD, ignore_errors=True)
+
     def save_checkpoint(self, state: dict) -> None:
         """Write last.pt atomically, keeping the one it replaces as prev.pt."""
         last, prev = self.path / self.LAST, self.path / self.PREV
@@ -224,7 +233,7 @@ class TensorBoard:
 def teacher_identity(cfg) -> str | None:
     """SHA-256 of the teacher checkpoint of a distillation run (None: no teacher, or no
     file yet: the run stops later with the remedies)."""
-    if cfg.role != "student" or cfg.distiller.name == "vanilla":
+    if cfg.role != "student" or not distills(cfg):
         return None
     path = Path(cfg.teacher.checkpoint)
     return file_sha256(path) if path.is_file() else None
@@ -239,12 +248,11 @@ def run(cfg, run_dir: Path) -> RunRecord:
     if world.distributed:
         return run_parallel(cfg, run_dir, world)
     rd = RunDir(run_dir)
-    fp = fingerprint(cfg, teacher_identity(cfg))
-    done = rd.recall(fp)
+    fp, done = recall(cfg, rd)
     if done is not None:
-        log.info("run already finished (%s): %s", done.status, run_dir)
         return done
-    with run_lock(rd.path):
+    with ExitStack() as held:
+        hold_lock(rd, held)
         return train(cfg, RunBook(cfg, rd, fp))
 
 
@@ -258,15 +266,36 @@ def run_parallel(cfg, run_dir: Path, world: World) -> RunRecord:
     device, _ = setup_device(cfg.trainer, world)
     rd = RunDir(run_dir)
     with process_group(world, device, cfg.trainer.dist_timeout_s) as group, ExitStack() as held:
-        fp = agreed_fingerprint(cfg, group)
-        done = group.on_main(lambda: rd.recall(fp))
+        fp, done = recall(cfg, rd, group)
         if done is not None:
-            log.info("run already finished (%s): %s", done.status, run_dir)
             return done
-        group.on_main(lambda: held.enter_context(run_lock(rd.path)))
+        hold_lock(rd, held, group)
         log.info("data-parallel run on %d processes (%s, rank 0 on %s)", world.size,
                  "nccl" if device.type == "cuda" else "gloo", device)
         return train(cfg, RunBook(cfg, rd, fp, writes=world.main), group)
+
+
+def recall(cfg, rd: RunDir, group: Group | None = None) -> tuple[dict, RunRecord | None]:
+    """The run's fingerprint (agreed by the ranks of `group`) and, when the run already
+    finished, its record (rank 0 reads it for every rank)."""
+    if group is None:
+        fp = fingerprint(cfg, teacher_identity(cfg))
+        done = rd.recall(fp)
+    else:
+        fp = agreed_fingerprint(cfg, group)
+        done = group.on_main(lambda: rd.recall(fp))
+    if done is not None:
+        log.info("run already finished (%s): %s", done.status, rd.path)
+    return fp, done
+
+
+def hold_lock(rd: RunDir, held: ExitStack, group: Group | None = None) -> None:
+    """Take the run directory's lock into `held` (rank 0's for every rank of `group`);
+    RunError, on every rank, when another process holds it."""
+    if group is None:
+        held.enter_context(run_lock(rd.path))
+    else:
+        group.on_main(lambda: held.enter_context(run_lock(rd.path)))
 
 
 def agreed_fingerprint(cfg, group: Group) -> dict:
@@ -295,14 +324,14 @@ def train(cfg, book: RunBook, group: Group | None = None) -> RunRecord:
         t = cfg.trainer
         data_parallel(state, group, sync_bn=t.sync_bn, compile=t.compile,
                       compile_mode=t.compile_mode)
-    found = book.dir.load_checkpoint(book.fp, device) if cfg.trainer.resume else None
+    found = book.checkpoint_to_resume(device)
     if group is not None:
         check_same_start(group, book.dir, found)
     if found is not None:
         load_training_state(state, scheduler, found[0])
         book.restore(*found)
     elif teacher is not None:
-        book.teacher_top1, _ = evaluate(state, data.test, predict=teacher, model=teacher)
+        book.teacher_top1, _ = evaluate(state, data.test, model=teacher)
         log.info("teacher %s: test top-1 %.2f%%", cfg.pair.teacher, book.teacher_top1)
     book.begin(device, dtype, world_size=group.size if group is not None else 1)
     try:
@@ -343,10 +372,6 @@ def train_epochs(cfg, book: RunBook, state: TrainState, scheduler, data) -> tupl
 
 
 # --------------------------------------------------------------------------- the parts
-def distills(cfg) -> bool:
-    return str(cfg.distiller.name) != "vanilla"
-
-
 def setup_device(t, world: World | None = None) -> tuple[torch.device, torch.dtype]:
     """The device and precision of `trainer` settings, with cuDNN/TF32 set for CUDA; on
     `world`, this rank's GPU (`rld.distributed.local_device`), made the current one."""
@@ -378,10 +403,6 @@ def build_data(cfg, device: torch.device, world: World | None = None):
         raise RunError(f"dataset {cfg.dataset.name} has {data.num_train} training samples, "
                        f"fewer than the {size} ranks of this job")
     return data
-
-
-def trained_arch(cfg) -> str:
-    return str(cfg.pair.teacher if cfg.role == "teacher" else cfg.pair.student)
 
 
 def build_student(cfg, data, teacher, device: torch.device, dtype: torch.dtype):
@@ -458,6 +479,16 @@ class RunBook:
         log.info("resumed from %s after epoch %d", path.relative_to(self.dir.path),
                  ckpt["epoch"])
 
+    def checkpoint_to_resume(self, device: torch.device) -> tuple[dict, Path] | None:
+        """The checkpoint to resume from (`RunDir.load_checkpoint`); with
+        trainer.resume=false none, and the directory starts over (`RunDir.start_over`, by
+        the process that writes)."""
+        if self.cfg.trainer.resume:
+            return self.dir.load_checkpoint(self.fp, device)
+        if self.writes:
+            self.dir.start_over()
+        return None
+
     def begin(self, device: torch.device, dtype: torch.dtype, world_size: int = 1) -> None:
         """The record (status "running") and the TensorBoard writer."""
         self.record = RunRecord.from_config(
@@ -469,8 +500,6 @@ class RunBook:
             self.record.write(self.dir.path)
         self.board = TensorBoard(self.dir.path, self.cfg.trainer.tensorboard and self.writes,
                                  self.start)
-        if self.history and self.start > 1:
-            self.board.epoch(self.history[-1])  # in case the last process died before it
 
     def epoch_done(self, row: dict, training: dict) -> None:
         """Log and store one epoch's row; checkpoint with the `training` state."""
@@ -484,12 +513,14 @@ class RunBook:
                      row["seconds"])
         if not self.writes:
             return
+        # the events first: a process killed before the checkpoint trains this epoch again,
+        # and the resumed writer purges its events (purge_step), so no epoch is missing
+        self.board.epoch(row)
         self.dir.write_history(self.history)
         self.dir.save_checkpoint({
             **training, "epoch": row["epoch"], "best": self.best, "history": self.history,
             "teacher_top1": self.teacher_top1, "rng": rng_state(), "fingerprint": self.fp,
             "wall_s": time.time() - self.t0})
-        self.board.epoch(row)
 
     def finish(self, status: str, message: str | None, student: dict) -> RunRecord:
         """The final record; `student.pt` (and the teacher file of role=teacher) when the
@@ -543,6 +574,24 @@ def load_teacher(cfg, num_classes: int, device: torch.device) -> torch.nn.Module
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def point_failed(cfg, run_dir: Path, error: BaseException) -> float:
+    """A grid point that raised `error`: logged (an input error as its message, anything
+    else with its traceback), recorded by rank 0 (`record_failure`); its objective, NaN."""
+    import traceback
+
+    from rld.validate import ConfigError
+
+    if isinstance(error, ConfigError | RunError):
+        log.error("this grid point failed: %s", error)
+        message = str(error)
+    else:
+        log.error("this grid point failed:\n%s", "".join(traceback.format_exception(error)))
+        message = f"{type(error).__name__}: {error}"
+    if find_world().main:
+        record_failure(cfg, run_dir, message)
+    return float("nan")
 
 
 def record_failure(cfg, run_dir: Path, message: str) -> None:

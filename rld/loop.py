@@ -24,6 +24,11 @@ from rld.distillers import Distiller
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
+def uses_cudagraphs(compile: bool, compile_mode: str, device: torch.device) -> bool:
+    """Whether callables compiled so replay CUDA graphs (each step must mark its start)."""
+    return bool(compile) and compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
+
+
 class Diverged(RuntimeError):
     """The training loss turned non-finite."""
 
@@ -107,7 +112,7 @@ def build_train_state(student: nn.Module, teacher: nn.Module | None, distiller: 
             distiller.loss_fn = wrap(distiller.loss_fn)
         else:
             distiller.distill = wrap(distiller.distill)
-    cudagraphs = compile and compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
+    cudagraphs = uses_cudagraphs(compile, compile_mode, device)
     return TrainState(student, teacher, distiller, optimizer, scaler, device, dtype,
                       channels_last, forward, teacher_forward, predict, cudagraphs)
 
@@ -118,7 +123,9 @@ def topk_correct(logits: Tensor, target: Tensor, k: int) -> Tensor:
 
 
 def _detached_copy(out: Any) -> Any:
-    """The teacher's output as normal tensors (autograd may save them), without a graph."""
+    """A copy of the teacher's output out of the CUDA graphs' memory pool, which the next
+    replay overwrites (outputs made under no_grad are otherwise normal tensors that autograd
+    may save as they are)."""
     if isinstance(out, Tensor):
         return out.clone()
     if isinstance(out, list | tuple):
@@ -146,7 +153,9 @@ def train_step(s: TrainState, x: Tensor, y: Tensor, epoch: int, index: Tensor | 
         out_t = None
         if s.teacher_forward is not None:
             with torch.no_grad():
-                out_t = _detached_copy(s.teacher_forward(x))
+                out_t = s.teacher_forward(x)
+            if s.cudagraphs:
+                out_t = _detached_copy(out_t)
         terms = s.distiller.terms(out, out_t, y, epoch, index)
     loss = torch.stack(list(terms.values())).sum()
     _descend(s, loss if loss_scale is None or loss_scale == 1.0 else loss * loss_scale)
@@ -252,8 +261,8 @@ def train_epoch(s: TrainState, loader, epoch: int, epochs: int, progress: Progre
                                    loss.detach() * n, (logits.argmax(1) == y).sum().float()])
                 sums = row if sums is None else sums + row
                 bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-                first_bad = torch.where(bad, torch.full_like(first_bad, step + 1), first_bad)
-        progress.update(lambda total=sums[-2], n=count: total.item() / n)
+                first_bad = torch.where(bad, float(step + 1), first_bad)
+        progress.update(lambda: sums[-2].item() / count)  # noqa: B023 - called at once
     progress.end()
     if sums is None:
         raise ValueError("the training loader gave no batch")
@@ -274,13 +283,12 @@ def train_epoch(s: TrainState, loader, epoch: int, epochs: int, progress: Progre
 
 
 @torch.inference_mode()
-def evaluate(s: TrainState, loader, predict: Callable[[Tensor], Tensor] | None = None,
-             model: nn.Module | None = None) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of `predict` (default: the student's) over the loader,
-    with `model` (default: the student) in eval mode; summed over the processes of a
-    data-parallel run."""
+def evaluate(s: TrainState, loader, model: nn.Module | None = None) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` (default: the student, through its compiled
+    `predict`) in eval mode over the loader; summed over the processes of a data-parallel
+    run."""
     (model or s.student).eval()
-    predict = predict or s.predict
+    predict = model or s.predict
     sums, n = torch.zeros(2, device=s.device), 0
     for batch in loader:
         x, y = batch[0], batch[1]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rld.config import DistillerConfig
+from rld.config import DistillerConfig, distills, trained_arch
 
 RECORD = "metrics.json"
 STATUSES = ("running", "completed", "diverged", "failed")
@@ -68,12 +68,10 @@ class RunRecord:
     def from_config(cls, cfg, fingerprint: dict | None = None, **outcome: Any) -> RunRecord:
         """The record of a composed TrainConfig before it runs (status "running")."""
         d = cfg.distiller
-        role = str(cfg.role)
-        distills = str(d.name) != "vanilla"
         return cls(
-            dataset=str(cfg.dataset.name), pair=str(cfg.pair.name), role=role,
-            student=str(cfg.pair.teacher if role == "teacher" else cfg.pair.student),
-            teacher=str(cfg.pair.teacher) if distills else None, distiller=str(d.name),
+            dataset=str(cfg.dataset.name), pair=str(cfg.pair.name), role=str(cfg.role),
+            student=trained_arch(cfg),
+            teacher=str(cfg.pair.teacher) if distills(cfg) else None, distiller=str(d.name),
             settings={k: d.get(k) for k in SETTING_KEYS}, seed=int(cfg.seed),
             epochs=int(cfg.trainer.epochs), fingerprint=dict(fingerprint or {}), **outcome)
 

@@ -17,9 +17,7 @@ from the engine, log messages from warnings up only.
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
 from pathlib import Path
 
 import hydra
@@ -31,7 +29,6 @@ from rld.config import register_configs
 from rld.world import find_world, rank_overrides
 
 register_configs()
-log = logging.getLogger("rld")
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -48,20 +45,13 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             print(f"rld.train: error: {e}", file=sys.stderr)
             sys.exit(2)
-        log.error("this grid point failed: %s", e)
-        if find_world().main:
-            engine.record_failure(cfg, run_dir, str(e))
-        return float("nan")
+        return engine.point_failed(cfg, run_dir, e)
     except Exception as e:
         if not multirun or find_world().distributed:
             # a data-parallel rank alone may meet it: the ranks cannot go on in step, so
             # the process ends (torchrun or srun ends the others; the rerun resumes)
             raise
-        # one broken point must not take the sweep down: record it and go on
-        log.error("this grid point failed:\n%s", traceback.format_exc())
-        if find_world().main:
-            engine.record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
-        return float("nan")
+        return engine.point_failed(cfg, run_dir, e)  # one broken point: the sweep goes on
     return record.objective(cfg.objective)
 
 

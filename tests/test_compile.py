@@ -100,6 +100,12 @@ def test_bad_compile_mode_is_rejected_by_the_config_check_and_the_benchmarks():
         cfg = compose("train", overrides=["trainer.compile_mode=fast"])
     with pytest.raises(ConfigError, match="trainer.compile_mode='fast'.*reduce-overhead"):
         validate(cfg)
+    from rld.bench import epoch, grid, step
+
+    for bench in (step, epoch, grid):  # argparse: exit status 2 and the choices named
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(["--compile-mode", "fast"])
+        assert stop.value.code == 2
 
 
 def test_cuda_graph_steps_are_marked(monkeypatch):

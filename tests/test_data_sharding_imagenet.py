@@ -115,7 +115,7 @@ def test_device_loader_indivisible_batch_names_the_key() -> None:
     with pytest.raises(DataError, match=r"trainer\.batch_size=10"):
         _device_loader(50, 10, rank=0, world=3)
     test = _device_loader(50, 10, rank=2, world=3, train=False)  # evaluation: fine
-    assert len(test) == 5 and test.rank_samples == sum(len(y) for _, y, _ in test)
+    assert len(test) == 5 and test.plan.rank_samples == sum(len(y) for _, y, _ in test)
 
 
 def test_device_loader_with_index_gives_the_rows() -> None:
@@ -151,8 +151,8 @@ def test_build_loaders_threads_rank_and_checks_early() -> None:
         DatasetConfig(name="synthetic", num_classes=5, train_size=100, test_size=50)
     )
     loaders = build_loaders(cfg, 32, "cpu", seed=0, rank=1, world_size=2, with_index=True)
-    assert len(loaders.train) == 4 and loaders.train.local_batch_size == 16
-    assert loaders.num_train == 100 and loaders.train.rank_samples == 50
+    assert len(loaders.train) == 4 and loaders.train.plan.local_batch_size == 16
+    assert loaders.num_train == 100 and loaders.train.plan.rank_samples == 50
     x, y, index = next(iter(loaders.test))
     assert x.shape[0] == 16 and torch.equal(index, torch.arange(16, 32))
     with pytest.raises(DataError, match=r"trainer\.batch_size=32 .* 3 ranks"):

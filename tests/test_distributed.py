@@ -8,19 +8,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import REPO, SMALL, run_train
+from cli_helpers import REPO, SMALL, TORCHRUN, run_train, train_command, train_env
 from torch import nn
 
 from rld.data import BatchPlan
 from rld.world import World, find_world
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # 193 samples in global batches of 64: the last holds 1 sample, so rank 0's share is empty
 EQUAL = ["dataset=synthetic", "pair=tiny", "dataset.train_size=193", "dataset.test_size=101",
          "trainer.batch_size=64", "trainer.progress=line", "trainer.epochs=2",
@@ -30,7 +28,7 @@ EQUAL = ["dataset=synthetic", "pair=tiny", "dataset.train_size=193", "dataset.te
 def torchrun(root: Path, *overrides: str, check: bool = True,
              timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 -m rld.train paths.root=ROOT ...`."""
-    return run_train(root, *overrides, check=check, timeout=timeout, launch=tuple(TORCHRUN))
+    return run_train(root, *overrides, check=check, timeout=timeout, launch=TORCHRUN)
 
 
 def _run_dir(root: Path, tag: str, point: str = "") -> Path:
@@ -123,9 +121,8 @@ def test_killed_rank_ends_the_job_and_the_rerun_resumes_exactly(teacher_root):
     assert json.loads((straight / "metrics.json").read_text())["world_size"] == 2
     log = (straight / "train.log").read_text()  # submitit logs its end in each task's
     assert "data-parallel run on 2" in log and log.count("Job completed successfully") == 1
-    cmd = [*TORCHRUN, "-m", "rld.train", f"paths.root={root}", *args, "tag=ddp_killed"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_command(root, *args, "tag=ddp_killed", launch=TORCHRUN),
+                            cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -261,7 +258,7 @@ def test_loss_scales_make_the_ranks_mean_the_global_mean():
 
     for rank, last in ((0, 0.0), (1, 2.0)):
         loader = SimpleNamespace(plan=BatchPlan(193, 64, rank=rank, world_size=2))
-        dp = DataParallel(SimpleNamespace(size=2), None, [], [])
+        dp = DataParallel(SimpleNamespace(size=2), [], [])
         assert dp.loss_scales(loader) == [1.0, 1.0, 1.0, last]
 
 

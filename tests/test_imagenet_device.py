@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from rld.bench.imagenet_data import photo
 from rld.data import DataError, build_loaders
 from rld.data.augment import norm_constants, normalize_uint8
 from rld.data.imagenet import resolve_decoder
@@ -53,14 +54,6 @@ FILES = [
 ]
 
 
-def _photo(w: int, h: int, rng) -> Image.Image:
-    """Smooth random content with grain (JPEG-compressible like a photograph)."""
-    coarse = rng.integers(0, 256, (h // 20, w // 20, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
-    grain = rng.integers(-15, 16, (h, w, 3), dtype=np.int16)
-    return Image.fromarray((smooth + grain).clip(0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("imagenet_device")
@@ -72,7 +65,7 @@ def tree(tmp_path_factory) -> Path:
             for i, (w, h, mode, fmt) in enumerate(FILES):
                 if split == "val" and i % 2 != c:
                     continue
-                img = _photo(w, h, rng).convert(mode)
+                img = photo(w, h, rng).convert(mode)
                 img.save(folder / f"{cls}_{i}.JPEG", format=fmt, quality=90)
     return root
 
@@ -130,13 +123,17 @@ def test_a_batch_the_decoder_rejects_falls_back_per_image(tree: Path, monkeypatc
     real = dev._decode_jpegs
     bad = payloads[0].data_ptr()
 
+    rejected = []
+
     def picky(batch, device):  # rejects any batch that holds the first file
         if any(p.data_ptr() == bad for p in batch):
+            rejected.append(len(batch))
             raise RuntimeError("unsupported JPEG")
         return real(batch, device)
 
     monkeypatch.setattr(dev, "_decode_jpegs", picky)
     got = decode_images(payloads, list(rows), CPU)
+    assert rejected and rejected[0] > 1  # the whole batch was tried, then image by image
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 

@@ -110,6 +110,8 @@ def test_damaged_checkpoints_and_record(teacher_root):
     assert "trainer.resume=false" in err[0]
     run_train(root, *KD, "tag=damaged", "trainer.resume=false")
     assert read_record(run_dir).status == "completed"
+    for path in (last, prev):  # started over: the damaged files are gone, not kept as prev
+        assert not path.exists() or not path.read_bytes().startswith(b"PK\x03\x04 not")
 
 
 def test_failed_record_is_replaced_but_a_finished_one_never(teacher_root, tmp_path):

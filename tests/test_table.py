@@ -405,7 +405,7 @@ def test_many_runs_fast(tmp_path: Path):
     (t,) = tables
     c = _row(t, "vgg13_vgg8").cells["rld"]
     assert c.n == 12 and c.point == "β=10, τ=10"
-    # README: 3,000 run directories in about 4 s; 1,200 at that rate take 1.6 s
+    # README: 3,000 run directories in about 0.6 s; the limit leaves room for a slow machine
     assert elapsed < 5, elapsed
 
 
@@ -536,7 +536,6 @@ def test_feature_methods_columns_and_two_setting_grid(tmp_path: Path, monkeypatc
     literature's values; CRD's grid over kd_weight x nce_t, one per nce_momentum."""
     # a grid's axes: the distiller's POINT_KEYS that vary, then the other varying settings
     monkeypatch.setitem(POINT_KEYS, "crd", ("kd_weight", "nce_t"))
-    monkeypatch.delitem(DISTILLER_SETTINGS, "zeta", raising=False)
     s = tmp_path / "sweeps"
     p = dict(pair="resnet32x4_resnet8x4", teacher="resnet32x4", student="resnet8x4")
     i = 0

@@ -179,22 +179,17 @@ def pin_process(pool: SlotPool) -> str | None:
 def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: Any,
                 task_function: Any, singleton_state: dict) -> Any:
     """Run job number `idx` of a sweep in this process, through Hydra's public core API (the
-    calls every launcher makes): its config, `hydra.job.id`/`num`, then `run_job`."""
-    from hydra.core.hydra_config import HydraConfig
+    calls every launcher makes): its config (`_packed.sweep_config`), then `run_job`."""
     from hydra.core.singleton import Singleton
     from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
+
+    from . import _packed
 
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
-        sweep_config.hydra.job.num = idx
-    HydraConfig.instance().set_config(sweep_config)
-    return run_job(hydra_context=hydra_context, task_function=task_function,
-                   config=sweep_config, job_dir_key="hydra.sweep.dir",
-                   job_subdir_key="hydra.sweep.subdir")
+    cfg = _packed.sweep_config(hydra_context, config, idx, overrides, gpus_job_id)
+    return run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
 def run_pinned(pool: SlotPool, idx: int, overrides: Sequence[str], hydra_context: Any,
@@ -262,7 +257,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
 
 
 def gpus_job_id(idx: int, config: Any) -> str:
-    """The job id this launcher gives job `idx` (as `execute_job`)."""
+    """The job id this launcher gives job `idx` (hydra's joblib launcher's)."""
     return f"{config.hydra.job.name}_{idx}"
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import traceback
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ._gpus import start_sweep
 
 log = logging.getLogger(__name__)
-rld_log = logging.getLogger("rld")  # a point's messages, as rld.train logs them
 
 Unit = list[tuple[int, list[str]]]  # (job number, overrides) of the jobs of one pack
 
@@ -132,22 +129,11 @@ def job_value(cfg: DictConfig, run_dir: Path, outcome: Any) -> float:
     from rld import engine
     from rld.packed import point_label, point_scope
     from rld.record import RunRecord
-    from rld.validate import ConfigError
-    from rld.world import find_world
 
     if isinstance(outcome, RunRecord):
         return outcome.objective(cfg.objective)
     with point_scope(run_dir, point_label(cfg)):
-        if isinstance(outcome, ConfigError | engine.RunError):
-            rld_log.error("this grid point failed: %s", outcome)
-            message = str(outcome)
-        else:
-            rld_log.error("this grid point failed:\n%s",
-                          "".join(traceback.format_exception(outcome)))
-            message = f"{type(outcome).__name__}: {outcome}"
-        if find_world().main:  # a data-parallel pack: rank 0 writes
-            engine.record_failure(cfg, run_dir, message)
-    return math.nan
+        return engine.point_failed(cfg, run_dir, outcome)
 
 
 def _log_files(hydra_cfg: DictConfig) -> list[Path]:

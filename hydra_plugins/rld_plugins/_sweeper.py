@@ -382,7 +382,8 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 if self.guard is not None:
                     self.guard.release(keys[i] for i in batch)
             self._check_failures(raised, returns)
-        left = [keys[i] for i in todo if grids[i] not in self._settled(names)]
+        settled = self._settled(names)
+        left = [keys[i] for i in todo if grids[i] not in settled]
         if left:
             log.info("%d grid point(s) not settled by this sweeper (running elsewhere or "
                      "failed): %s", len(left), "; ".join(left))

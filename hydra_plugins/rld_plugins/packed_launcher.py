@@ -24,9 +24,11 @@ def check_pack(pack, mode: str) -> int | None:
                              or int(pack) < 1):
         raise ValueError(f"hydra.launcher.pack={pack!r} is not allowed: an integer >= 1, "
                          "or null")
-    if mode not in ("auto", "loop", "vmap"):
-        raise ValueError(f"hydra.launcher.pack_mode={mode!r} is not allowed: use auto, loop "
-                         "or vmap")
+    from rld.packed.students import MODES
+
+    if mode not in MODES:
+        raise ValueError(f"hydra.launcher.pack_mode={mode!r} is not allowed: use "
+                         f"{', '.join(MODES)}")
     return None if pack is None else int(pack)
 
 

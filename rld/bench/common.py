@@ -29,6 +29,11 @@ def device_name(device: Any) -> str:
     return f"{model} ({os.cpu_count()} CPUs)"
 
 
+# the columns every input-path benchmark writes (rld.bench.data, rld.bench.imagenet_data)
+LOADER_FIELDS = ["device", "device_name", "images", "batch_size", "workers", "torch_threads",
+                 "seconds", "images_per_s"]
+
+
 def save_rows(out: str, rows: list[dict], fields: list[str] | None = None) -> None:
     """Write the benchmark's rows as a CSV (atomically) unless `out` is '', and say where."""
     if out:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from rld.bench.common import (
+    LOADER_FIELDS,
     PilImages,
     cifar_pil_transform,
     device_name,
@@ -23,18 +24,7 @@ from rld.bench.common import (
 )
 from rld.config import CIFAR_MEAN, CIFAR_STD
 
-FIELDS = [
-    "loader",
-    "device",
-    "device_name",
-    "images",
-    "batch_size",
-    "workers",
-    "torch_threads",
-    "seconds",
-    "images_per_s",
-    "speedup_vs_dataloader",
-]
+FIELDS = ["loader", *LOADER_FIELDS, "speedup_vs_dataloader"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from rld.validate import COMPILE_MODES
 
@@ -46,7 +45,7 @@ def parse_args(argv):
 def _reference_epoch(step, ds, batch_size: int, workers: int, device, warm: int) -> float:
     import torch
 
-    from rld.bench.common import PilImages, cifar_pil_transform
+    from rld.bench.common import PilImages, cifar_pil_transform, sync
     from rld.loop import train_step
 
     data = PilImages(ds.train_images, ds.train_labels, cifar_pil_transform(ds.mean, ds.std))
@@ -67,16 +66,15 @@ def _reference_epoch(step, ds, batch_size: int, workers: int, device, warm: int)
     run(warm)
     t0 = time.perf_counter()
     run(-1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
 def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, float, int]:
     """Seconds of one timed epoch, seconds of the untimed warm-up before it, and the graphs
     compiled while timing."""
-    import torch
 
+    from rld.bench.common import sync
     from rld.bench.step import compiled_graphs
     from rld.data import DeviceLoader
     from rld.loop import Progress, train_epoch, train_step
@@ -101,8 +99,7 @@ def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, fl
     for _ in range(3 if rest else 0):  # the last batch's shape: compile, then graph capture
         train_step(step, x[:rest], y[:rest], epoch=1)
     loader.set_epoch(2)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     warm_s = time.perf_counter() - t0
     graphs = compiled_graphs()
     t0 = time.perf_counter()
@@ -125,11 +122,15 @@ def _measure(args) -> dict:
     images = args.images or (50000 if cuda else 5000)
     ds = synthetic_cifar(images)
     pair = Pair(args.pair)
+    if pair.family != "cifar":
+        raise SystemExit(f"rld.bench epoch: --pair {args.pair}: a CIFAR pair is needed (the "
+                         "epoch is of CIFAR-sized images)")
     warm = 20 if cuda else 2
 
     def step(dtype, channels_last, compile, compile_mode="default"):
         torch.manual_seed(0)
-        student, teacher = build_model(pair.student, 100), build_model(pair.teacher, 100)
+        student, teacher = (build_model(a, pair.num_classes, pair.family)
+                            for a in (pair.student, pair.teacher))
         return bench_state(student, teacher, build_distiller(distiller_config("rld")), device,
                            dtype, compile, compile_mode, channels_last)
 
@@ -154,8 +155,8 @@ def _measure(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from rld.bench.common import save_rows
     from rld.bench.step import compile_note
-    from rld.io import write_csv
 
     m = _measure(args)
     images, fast, ref = m["images"], m["fast"], m["ref"]
@@ -178,8 +179,6 @@ def main(argv=None) -> int:
                   "images_per_s": f"{images / row['seconds']:.1f}",
                   **(fast_row if row["path"] == "fast" else {"speedup": "", "warmup_s": ""})}
                  for row in m["rows"]]
-        write_csv(Path(args.out), table, ["path", "description", "device", "images",
-                                          "batch_size", "seconds", "images_per_s", "speedup",
-                                          "warmup_s"])
-        print(f"wrote {args.out}")
+        save_rows(args.out, table, ["path", "description", "device", "images", "batch_size",
+                                    "seconds", "images_per_s", "speedup", "warmup_s"])
     return 0

@@ -20,15 +20,14 @@ mode `auto` picks on this device) as a number followed by x.  Writes `bench_grid
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
-from pathlib import Path
 
 from rld.validate import COMPILE_MODES
 
 GRID_BETA = (2.0, 4.0, 8.0, 16.0)
 GRID_TAU = (2.0, 3.0, 4.0, 5.0)
-EPOCH_STEPS = 782  # CIFAR-100: 50,000 images in batches of 64
 EPOCHS = 240
 
 
@@ -53,46 +52,43 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not 1 <= args.points <= len(GRID_BETA) * len(GRID_TAU):
         p.error(f"--points {args.points}: the grid has 1 to {len(GRID_BETA) * len(GRID_TAU)}")
-    for key in ("steps", "repeats", "batch_size"):
-        if getattr(args, key) < 0 or (key != "steps" and getattr(args, key) < 1):
+    if args.steps < 0:
+        p.error("--steps must be >= 1 (0: the default)")
+    for key in ("repeats", "batch_size"):
+        if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     return args
-
-
-def pair_archs(name: str) -> tuple[str, str]:
-    """(teacher, student) of conf/pair/<name>.yaml."""
-    from omegaconf import OmegaConf
-
-    path = Path(__file__).resolve().parents[2] / "conf" / "pair" / f"{name}.yaml"
-    if not path.exists():
-        raise SystemExit(f"rld.bench grid: --pair {name!r}: no conf/pair/{name}.yaml")
-    pair = OmegaConf.load(path)
-    return str(pair.teacher), str(pair.student)
 
 
 def grid_points(k: int) -> list[dict]:
     return [{"beta": b, "tau": t} for b in GRID_BETA for t in GRID_TAU][:k]
 
 
-def build_states(student_arch: str, teacher, points: list[dict], device, dtype, compile: bool,
+def build_states(pair, teacher, points: list[dict], device, dtype, compile: bool,
                  compile_mode: str) -> list:
-    """One `TrainState` per point (the CIFAR-100 recipe: SGD lr 0.05, momentum 0.9, weight
-    decay 5e-4; RLD without warm-up), each student seeded by its index."""
+    """One `TrainState` per point (`rld.bench.step.bench_state`: the CIFAR-100 recipe; RLD
+    without warm-up), each student seeded by its index."""
     import torch
 
     from rld.bench.common import distiller_config
+    from rld.bench.step import bench_state
     from rld.distillers import build_distiller
-    from rld.loop import build_train_state
     from rld.models import build_model
 
     states = []
     for i, point in enumerate(points):
         torch.manual_seed(i)
-        states.append(build_train_state(
-            build_model(student_arch, 100), teacher, build_distiller(distiller_config("rld", **point)),
-            device=device, dtype=dtype, channels_last=True, compile=compile,
-            compile_mode=compile_mode, lr=0.05, momentum=0.9, weight_decay=5e-4))
+        student = build_model(pair.student, pair.num_classes, pair.family)
+        states.append(bench_state(student, teacher, build_distiller(distiller_config(
+            "rld", **point)), device, dtype, compile, compile_mode))
     return states
+
+
+def epoch_steps(args) -> int:
+    """Steps of one CIFAR-100 epoch (50,000 images) at the benchmark's batch size."""
+    from rld.bench.step import CIFAR_TRAIN_SIZE
+
+    return math.ceil(CIFAR_TRAIN_SIZE / args.batch_size)
 
 
 class Paths:
@@ -109,15 +105,12 @@ class Paths:
                 train_step(s, x, y, epoch=1)
 
     def packed(self, students, teacher_fn, s0, cudagraphs: bool) -> None:
-        import torch
 
         from rld.packed import teacher_output
 
         for x, y in self.loader:
-            if cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            out_t = teacher_output(s0, teacher_fn, x)
-            students.step(x, y, out_t.clone() if cudagraphs else out_t, 1)
+            x = s0.inputs(x)
+            students.step(x, y, teacher_output(s0, teacher_fn, x, cudagraphs), 1)
 
     def timed(self, fn, *args) -> tuple[float, float | None]:
         """Seconds of `fn(*args)` and, on CUDA, its peak allocated memory (MiB)."""
@@ -143,6 +136,7 @@ def measure(args, device, dtype) -> tuple[dict, dict, float, int]:
     import torch
 
     from rld.bench.common import synthetic_cifar
+    from rld.bench.step import Pair
     from rld.data import DeviceLoader
     from rld.loop import CUDAGRAPH_MODES
     from rld.models import build_model
@@ -151,18 +145,21 @@ def measure(args, device, dtype) -> tuple[dict, dict, float, int]:
     cuda = device.type == "cuda"
     steps = args.steps or (50 if cuda else 2)
     warm = args.warmup if args.warmup >= 0 else (10 if cuda else 1)
-    teacher_arch, student_arch = pair_archs(args.pair)
+    pair = Pair(args.pair)
+    if pair.family != "cifar":
+        raise SystemExit(f"rld.bench grid: --pair {args.pair}: a CIFAR pair is needed (the "
+                         "benchmark trains on CIFAR-sized images)")
     ds = synthetic_cifar(args.batch_size * max(steps, warm, 1))
     loader = DeviceLoader(ds.train_images, ds.train_labels, args.batch_size, train=True,
                           mean=ds.mean, std=ds.std, device=device, seed=0, drop_last=True)
     torch.manual_seed(0)
-    teacher = build_model(teacher_arch, 100).to(device).eval()
+    teacher = build_model(pair.teacher, pair.num_classes, pair.family).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     points = grid_points(args.points)
     modes = ("loop", "vmap") if args.mode == "all" else (resolve_mode(args.mode, device, dtype),)
     paths = Paths(_Limited(loader, warm), device)
-    seq = build_states(student_arch, teacher, points, device, dtype, args.compile,
+    seq = build_states(pair, teacher, points, device, dtype, args.compile,
                        args.compile_mode)
     for s in seq:
         s.train()
@@ -170,7 +167,7 @@ def measure(args, device, dtype) -> tuple[dict, dict, float, int]:
     cudagraphs = args.compile and args.compile_mode in CUDAGRAPH_MODES and cuda
     runs = {"sequential": lambda: paths.sequential(seq)}
     for mode in modes:  # compiled as the packed trainer compiles (rld.packed.trainer)
-        states = build_states(student_arch, teacher, points, device, dtype,
+        states = build_states(pair, teacher, points, device, dtype,
                               args.compile and mode == "loop", args.compile_mode)
         students = build_students(states, mode, args.compile, args.compile_mode)
         students.train()
@@ -215,9 +212,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from rld.bench.common import device_name
+    from rld.bench.common import device_name, save_rows
     from rld.engine import resolve_device, resolve_precision
-    from rld.io import write_csv
     from rld.packed import resolve_mode
 
     device = resolve_device(args.device)
@@ -234,8 +230,8 @@ def main(argv=None) -> int:
         per_step = seconds / steps
         rows.append({
             "path": path, "points": args.points, "steps": steps, "seconds": round(seconds, 4),
-            "s_per_step": round(per_step, 5), "epoch_s": round(per_step * EPOCH_STEPS, 2),
-            "grid_hours_240_epochs": round(per_step * EPOCH_STEPS * EPOCHS / 3600, 3),
+            "s_per_step": round(per_step, 5), "epoch_s": round(per_step * epoch_steps(args), 2),
+            "grid_hours_240_epochs": round(per_step * epoch_steps(args) * EPOCHS / 3600, 3),
             "speedup": round(seq / seconds, 3),
             "peak_mib": None if peaks.get(path) is None else round(peaks[path], 1),
             "peak_kind": "cuda max_memory_allocated" if cuda else "process max RSS (all paths)",
@@ -253,12 +249,10 @@ def main(argv=None) -> int:
         print(f"{r['path']:<14} {r['seconds']:>12.2f} {r['s_per_step']:>8.3f} "
               f"{r['epoch_s']:>9.1f} {r['grid_hours_240_epochs']:>9.2f} "
               f"{r['speedup']:>8.2f}x {peak:>9}")
-    print(f"(epoch s: {EPOCH_STEPS} steps of all {args.points} points; 240-ep h: device-hours "
+    print(f"(epoch s: {epoch_steps(args)} steps of all {args.points} points; 240-ep h: device-hours "
           f"of their 240-epoch training, steps only; peak: "
           f"{rows[0]['peak_kind']})")
-    if args.out:
-        write_csv(Path(args.out), rows)
-        print(f"wrote {args.out}")
+    save_rows(args.out, rows)
     auto = f"packed-{resolve_mode('auto', device, dtype)}"
     headline = auto if auto in medians else next(k for k in medians if k != "sequential")
     print(f"speed-up of the packed path ({headline.removeprefix('packed-')}, "

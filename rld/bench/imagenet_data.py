@@ -21,21 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from rld.bench.common import device_name, save_rows, sync
+from rld.bench.common import LOADER_FIELDS, device_name, save_rows, sync
 
-FIELDS = [
-    "path",
-    "split",
-    "device",
-    "device_name",
-    "images",
-    "batch_size",
-    "workers",
-    "torch_threads",
-    "seconds",
-    "images_per_s",
-    "speedup_vs_pil",
-]
+FIELDS = ["path", "split", *LOADER_FIELDS, "speedup_vs_pil"]
 SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480), (800, 600)]
 WEIGHTS = [0.35, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05]
 CLASSES = 10
@@ -66,16 +54,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _write_image(path: Path, size: tuple[int, int], grey: bool, rng: Any) -> None:
-    """A smooth random picture with grain, so JPEG sizes and decode times are photo-like."""
+def photo(w: int, h: int, rng: Any) -> Any:
+    """A smooth random RGB picture with grain (a PIL image), so that JPEG sizes and decode
+    times are photo-like; `rng` a numpy Generator."""
     import numpy as np
     from PIL import Image
 
-    w, h = size
     coarse = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
     grain = rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
-    img = Image.fromarray((smooth + grain).clip(0, 255).astype(np.uint8))
+    return Image.fromarray((smooth + grain).clip(0, 255).astype(np.uint8))
+
+
+def _write_image(path: Path, size: tuple[int, int], grey: bool, rng: Any) -> None:
+    img = photo(*size, rng)
     (img.convert("L") if grey else img).save(path, format="JPEG", quality=90)
 
 
@@ -107,18 +99,16 @@ def make_jpeg_tree(root: Path, train_images: int, seed: int = 0) -> dict:
 
 def time_pass(root: Path, path: str, split: str, args: Any, device: Any) -> tuple[float, int]:
     """Seconds of one full pass over `split` by input path `path`, and the images seen."""
-    from rld.data.imagenet import build_imagenet_loaders
+    from omegaconf import OmegaConf
 
-    cfg = SimpleNamespace(
-        root=str(root),
-        num_classes=CLASSES,
-        image_size=224,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
-        workers=args.workers,
-    )
-    train, test, _ = build_imagenet_loaders(cfg, args.batch_size, device, args.seed, decoder=path)
-    loader = train if split == "train" else test
+    from rld.data import build_loaders
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/dataset/imagenet.yaml")
+    cfg = SimpleNamespace(name="imagenet", root=str(root), num_classes=CLASSES,
+                          image_size=int(conf.image_size), mean=list(conf.mean),
+                          std=list(conf.std), workers=args.workers)
+    data = build_loaders(cfg, args.batch_size, device, args.seed, decoder=path)
+    loader = data.train if split == "train" else data.test
     loader.set_epoch(1)
     for i, _ in enumerate(loader):  # warm-up: workers started, decoder initialised
         if i == 1:

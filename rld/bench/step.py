@@ -83,7 +83,9 @@ class Pair:
 
 def measured_top1(runs_csv: str, pair: str) -> dict[str, float]:
     """Per distiller, the best mean top1_best over its points (its settings as grouped by
-    `rld.config.DISTILLER_SETTINGS`) of this pair's finished student runs in runs.csv."""
+    `rld.config.DISTILLER_SETTINGS`) of this pair's finished student runs in runs.csv, as
+    `make table` counts them (`rld.table.summary.build_group`): no run marked as a duplicate
+    of another, and only the runs of the epoch count most of them have (ties: the larger)."""
     if not runs_csv or not Path(runs_csv).exists():
         return {}
     import pandas as pd
@@ -92,8 +94,14 @@ def measured_top1(runs_csv: str, pair: str) -> dict[str, float]:
 
     df = pd.read_csv(runs_csv)
     df = df[(df["pair"] == pair) & (df["role"] == "student") & (df["status"] == "completed")]
+    if "duplicate_of" in df:
+        df = df[df["duplicate_of"].isna()]
     out = {}
     for name, runs in df.groupby("distiller"):
+        if "epochs" in runs:
+            counts = runs["epochs"].value_counts()
+            modal = max(counts.index, key=lambda e: (counts[e], e))
+            runs = runs[runs["epochs"] == modal]
         keys = [k for k in DISTILLER_SETTINGS.get(name, ()) if k in runs.columns]
         means = runs.groupby(keys, dropna=False)["top1_best"].mean() if keys else \
             runs["top1_best"]

@@ -85,10 +85,10 @@ class FolderLoader(PlannedLoader):
         train: bool,
         device: torch.device | str,
         seed: int,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
-        with_index: bool,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        with_index: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.train = bool(train)

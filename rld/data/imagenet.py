@@ -84,33 +84,11 @@ class ImageNetLoader(FolderLoader):
     `batch_size` is the global batch, shared among `world_size` ranks (`rld.data.sharding`).
     """
 
-    def __init__(
-        self,
-        folder: Any,
-        transform: Any,
-        batch_size: int,
-        *,
-        train: bool,
-        device: torch.device | str,
-        seed: int,
-        workers: int,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        with_index: bool = False,
-        image_size: int = 224,
-    ) -> None:
-        super().__init__(
-            folder.targets,
-            batch_size,
-            train=train,
-            device=device,
-            seed=seed,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            with_index=with_index,
-        )
+    def __init__(self, folder: Any, transform: Any, batch_size: int, *, workers: int,
+                 image_size: int = 224, **loader: Any) -> None:
+        """`loader`: `FolderLoader`'s settings (train, device, seed, drop_last, rank,
+        world_size, with_index)."""
+        super().__init__(folder.targets, batch_size, **loader)
         workers = int(workers)
         self.loader = DataLoader(
             SeededTransformDataset(folder, transform),
@@ -170,57 +148,33 @@ def _folders(cfg: Any) -> tuple[Any, Any]:
     return train_set, test_set
 
 
-def build_imagenet_loaders(
-    cfg: Any,
-    batch_size: int,
-    device: torch.device | str,
-    seed: int,
-    drop_last: bool = False,
-    test_batch_size: int | None = None,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    with_index: bool = False,
-    decoder: str | None = None,
-) -> tuple[Any, Any, list[str]]:
-    """(train, test, class names) of the folders under ``cfg.root``.
+def build_imagenet_loaders(cfg: Any, batch_size: int, test_batch_size: int, *,
+                           decoder: str | None = None, **shard: Any) -> tuple[Any, Any, list[str]]:
+    """(train, test, class names) of the folders under ``cfg.root`` (called by
+    `rld.data.build_loaders`, which documents the arguments).
 
     `decoder`: auto | pil | device (None: ``cfg.decoder`` when the config has it, else auto).
-    Batch sizes are global (shared among `world_size` ranks); `with_index` adds the rows.
+    `shard`: the loaders' common settings (device, seed, drop_last, rank, world_size,
+    with_index; `FolderLoader`); batch sizes are global.
     """
-    device = torch.device(device)
+    device = torch.device(shard["device"])
     if decoder is None:
         decoder = str(getattr(cfg, "decoder", "auto"))
     path = resolve_decoder(decoder, device)
     train_set, test_set = _folders(cfg)
     size = int(cfg.image_size)
-    common = dict(
-        device=device,
-        seed=seed,
-        workers=int(cfg.workers),
-        rank=rank,
-        world_size=world_size,
-        with_index=with_index,
-    )
-    test_b = test_batch_size or batch_size
+    drop_last = shard.pop("drop_last", False)
+    common = dict(workers=int(cfg.workers), image_size=size, **shard)
     if path == "device":
         from rld.data.imagenet_device import ImageNetDeviceLoader
 
-        aug = dict(image_size=size, mean=cfg.mean, std=cfg.std, **common)
-        train = ImageNetDeviceLoader(
-            train_set.samples, batch_size, train=True, drop_last=drop_last, **aug
-        )
-        test = ImageNetDeviceLoader(test_set.samples, test_b, train=False, **aug)
+        aug = dict(mean=cfg.mean, std=cfg.std, **common)
+        train = ImageNetDeviceLoader(train_set.samples, batch_size, train=True,
+                                     drop_last=drop_last, **aug)
+        test = ImageNetDeviceLoader(test_set.samples, test_batch_size, train=False, **aug)
     else:
         train_tf, test_tf = imagenet_transforms(size, cfg.mean, cfg.std)
-        train = ImageNetLoader(
-            train_set,
-            train_tf,
-            batch_size,
-            train=True,
-            drop_last=drop_last,
-            image_size=size,
-            **common,
-        )
-        test = ImageNetLoader(test_set, test_tf, test_b, train=False, image_size=size, **common)
+        train = ImageNetLoader(train_set, train_tf, batch_size, train=True,
+                               drop_last=drop_last, **common)
+        test = ImageNetLoader(test_set, test_tf, test_batch_size, train=False, **common)
     return train, test, list(train_set.classes)

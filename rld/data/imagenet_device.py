@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -224,37 +225,14 @@ class ImageNetDeviceLoader(FolderLoader):
     same seed.  `via_float` (default: on all but the CPU) resizes in float32 then rounds.
     """
 
-    def __init__(
-        self,
-        samples: Sequence[tuple[str, int]],
-        batch_size: int,
-        *,
-        train: bool,
-        device: torch.device | str,
-        seed: int,
-        workers: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        image_size: int = 224,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        with_index: bool = False,
-        via_float: bool | None = None,
-    ) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], batch_size: int, *, workers: int,
+                 mean: Sequence[float], std: Sequence[float], image_size: int = 224,
+                 via_float: bool | None = None, **loader: Any) -> None:
+        """`loader`: `FolderLoader`'s settings (train, device, seed, drop_last, rank,
+        world_size, with_index)."""
         from rld.data.imagenet import resize_size
 
-        super().__init__(
-            [label for _, label in samples],
-            batch_size,
-            train=train,
-            device=device,
-            seed=seed,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            with_index=with_index,
-        )
+        super().__init__([label for _, label in samples], batch_size, **loader)
         self.samples = list(samples)
         self.image_size = int(image_size)
         self.resize = resize_size(self.image_size)

@@ -63,8 +63,6 @@ def build_loaders(
     of each batch (`rld.data.sharding`; training needs batch_size % world_size == 0).
     `with_index` makes the loaders yield ``(x, y, index)``, index the int64 rows of the split.
     """
-    if int(batch_size) < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     check_sharding(batch_size, rank, world_size)  # before any data is read
     shard = dict(rank=rank, world_size=world_size, with_index=with_index)
     dev = resolve_device(device)
@@ -73,8 +71,8 @@ def build_loaders(
         from rld.data.imagenet import build_imagenet_loaders
 
         train, test, names = build_imagenet_loaders(
-            cfg, batch_size, dev, seed, drop_last, test_batch_size, decoder=decoder, **shard
-        )
+            cfg, batch_size, test_batch_size or batch_size, decoder=decoder, device=dev,
+            seed=seed, drop_last=drop_last, **shard)
         return Loaders(train, test, len(names), names)
     if name not in ALL_DATASETS:
         raise DataError(f"unknown data set {name!r}; expected one of {', '.join(ALL_DATASETS)}")

@@ -111,7 +111,8 @@ class BatchPlan:
 
 
 class PlannedLoader:
-    """What every loader tells of its `plan` (a `BatchPlan`): sizes and the number of steps."""
+    """What every loader tells of its `plan` (a `BatchPlan`; the rest, e.g. this rank's
+    samples, from `loader.plan`): the split's size and the number of steps."""
 
     plan: BatchPlan
 
@@ -119,16 +120,6 @@ class PlannedLoader:
     def num_samples(self) -> int:
         """Samples in the split (all ranks together)."""
         return self.plan.num_samples
-
-    @property
-    def rank_samples(self) -> int:
-        """Samples this rank sees per epoch."""
-        return self.plan.rank_samples
-
-    @property
-    def local_batch_size(self) -> int:
-        """This rank's share of a full global batch."""
-        return self.plan.local_batch_size
 
     def __len__(self) -> int:
         """Steps per epoch, the same on every rank."""

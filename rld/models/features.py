@@ -63,9 +63,9 @@ def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
     raise ValueError("empty stage")
 
 
-class _FeaturesCall(nn.Module):
+class FeaturesCall(nn.Module):
     """``forward`` = the wrapped model's ``forward_features`` (so that ``functional_call``
-    can run it with other parameters)."""
+    can run it with other parameters, or DDP wrap it)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -83,7 +83,7 @@ def feature_shapes(model: nn.Module, image_size: int) -> dict:
     by meta tensors of the same shapes and dtypes through ``torch.func.functional_call``): no
     arithmetic, nothing copied or changed, wherever the model lives (CPU, GPU or meta).  Every
     module's training flag is restored afterwards."""
-    wrapper = _FeaturesCall(model)
+    wrapper = FeaturesCall(model)
     meta = {name: torch.empty_like(t, device="meta") for name, t in (
         *wrapper.named_parameters(remove_duplicate=False),
         *wrapper.named_buffers(remove_duplicate=False))}

@@ -1,7 +1,8 @@
 """How the K students of a pack take a training step together on one batch.
 
 Both strategies get the batch and the teacher's output once (computed by the pack) and
-return, per point, what `rld.loop.train_step` returns: (loss terms, total loss, logits).
+return a `StepOut`: every point's loss terms, total loss and correct predictions, each kind
+in one tensor (a few kernels per step for the pack's bookkeeping, whatever K).
 
 * `LoopStudents`: the K students one after another, each with `rld.loop.train_step` on its
   own `TrainState` (its model, optimiser, gradient scaler), the teacher's forward replaced by
@@ -35,14 +36,36 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from rld.loop import CUDAGRAPH_MODES, TrainState, empty_step, evaluate, train_step
+from rld.loop import TrainState, empty_step, topk_correct, train_step, uses_cudagraphs
 
 MODES = ("auto", "loop", "vmap")
+
+
+class StepOut(NamedTuple):
+    """One step of the K points of a pack, on the device."""
+
+    names: list[list[str]]  # each point's loss term names
+    values: Tensor  # point after point: its terms' values, then its total loss
+    losses: Tensor  # [K] each point's total loss
+    correct: Tensor  # [K] each point's correct top-1 predictions on the batch (float)
+
+
+def point_row(terms: dict, loss: Tensor) -> Tensor:
+    """One point's terms and total loss, detached, in a new tensor (kept safe from the
+    next CUDA-graph replay)."""
+    return torch.stack([*(t.detach() for t in terms.values()), loss.detach()])
+
+
+def step_out(names: list[list[str]], rows: list[Tensor], logits: Tensor, y: Tensor) -> StepOut:
+    """The `StepOut` of the points' `point_row`s and their logits [K, B, C]."""
+    correct = (logits.argmax(-1) == y).sum(-1).float()
+    return StepOut(names, torch.cat(rows), torch.stack([r[-1] for r in rows]), correct)
 
 
 def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype,
@@ -69,8 +92,6 @@ def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype,
 class LoopStudents:
     """The K students stepped one after another, each exactly as in its separate run."""
 
-    mode = "loop"
-
     def __init__(self, states: list[TrainState]):
         self._teacher_out = None
         # the same modules and optimisers; the teacher's forward is the pack's output
@@ -88,12 +109,19 @@ class LoopStudents:
         """Nothing: each point's optimiser follows its own scheduler."""
 
     def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int,
-             loss_scale: float | None = None) -> list[tuple]:
+             loss_scale: float | None = None) -> StepOut:
         self._teacher_out = teacher_out
+        names, rows, logits = [], [], []
         try:
-            return [train_step(s, x, y, epoch, loss_scale=loss_scale) for s in self.states]
+            for s in self.states:
+                terms, loss, out = train_step(s, x, y, epoch, loss_scale=loss_scale)
+                names.append(list(terms))
+                rows.append(point_row(terms, loss))  # before the next point's replays
+                logits.append(out)  # a copy already with CUDA graphs (train_step)
         finally:
             self._teacher_out = None
+        with torch.no_grad():
+            return step_out(names, rows, torch.stack(logits), y)
 
     def empty_step(self, x: Tensor) -> None:
         """A data-parallel rank's empty share of a last global batch (`rld.loop.empty_step`)."""
@@ -109,8 +137,27 @@ class LoopStudents:
     def sync(self) -> None:
         """Nothing: the points' own models and optimisers are the ones trained."""
 
+    @torch.inference_mode()
     def evaluate(self, loader) -> list[tuple[float, float]]:
-        return [evaluate(s, loader) for s in self.states]
+        """Top-1 and top-5 (%) of every point, in one pass over the loader (as
+        `rld.loop.evaluate` computes them: each student's compiled `predict`, summed over
+        the processes of a data-parallel pack); one host read."""
+        s0 = self.states[0]
+        for s in self.states:
+            s.student.eval()
+        sums = torch.zeros(len(self.states), 2, device=s0.device)
+        n = 0
+        for batch in loader:
+            x, y = s0.inputs(batch[0]), batch[1]
+            for k, s in enumerate(self.states):
+                if s.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with s.autocast():
+                    logits = s.predict(x)
+                sums[k] += torch.stack([topk_correct(logits, y, 1),
+                                        topk_correct(logits, y, 5)]).float()
+            n += y.shape[0]
+        return _accuracies(sums, n, s0.all_reduce)
 
 
 class VmapStudents:
@@ -118,8 +165,6 @@ class VmapStudents:
     one SGD over the stack.  Needs students of one architecture and logit distillers
     without parameters of their own (the packable ones).  With `group`
     (`rld.distributed.Group`), one rank of a data-parallel pack."""
-
-    mode = "vmap"
 
     def __init__(self, states: list[TrainState], compile: bool = False,
                  compile_mode: str = "default", group=None):
@@ -136,18 +181,17 @@ class VmapStudents:
         self.params, self.buffers = stack_module_state(models)
         # the structure alone, without memory: functional_call supplies every tensor
         self.base = copy.deepcopy(models[0]).to("meta")
-        group = states[0].optimizer.param_groups[0]
-        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=group["lr"],
-                                         momentum=group["momentum"],
-                                         weight_decay=group["weight_decay"])
+        hyper = states[0].optimizer.param_groups[0]
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=hyper["lr"],
+                                         momentum=hyper["momentum"],
+                                         weight_decay=hyper["weight_decay"])
         self._stack_momentum()
         forward = vmap(self._call, in_dims=(0, 0, None))
         self.forward = (torch.compile(forward, mode=compile_mode, dynamic=False) if compile
                         else forward)
-        # compiled with CUDA graphs: every replay (evaluation batch) marks its start; the
-        # caller marks each training step's
-        self.cudagraphs = (compile and compile_mode in CUDAGRAPH_MODES
-                           and states[0].device.type == "cuda")
+        # compiled with CUDA graphs: every replay (training step, evaluation batch) marks
+        # its start
+        self.cudagraphs = uses_cudagraphs(compile, compile_mode, states[0].device)
 
     def _call(self, params: dict, buffers: dict, x: Tensor) -> Tensor:
         return functional_call(self.base, (params, buffers), (x,))
@@ -176,21 +220,26 @@ class VmapStudents:
             group["lr"] = lr
 
     def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int,
-             loss_scale: float | None = None) -> list[tuple]:
+             loss_scale: float | None = None) -> StepOut:
         """One step of every point; a point's loss is its separate run's on its slice
         (scaled by `loss_scale` for the backward pass of a data-parallel rank)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         s0 = self.states[0]
         with s0.autocast():
             logits = self.forward(self.params, self.buffers, s0.inputs(x))
             terms = [s.distiller.terms(logits[k], teacher_out, y, epoch)
                      for k, s in enumerate(self.states)]
-        losses = [torch.stack(list(t.values())).sum() for t in terms]
+        losses = torch.stack([torch.stack(list(t.values())).sum() for t in terms])
         # the sum's gradient is 1 for every point: each slice gets its own point's gradient
-        total = torch.stack(losses).sum()
+        total = losses.sum()
         (total if loss_scale is None or loss_scale == 1.0 else total * loss_scale).backward()
         self._descend()
-        return [(t, loss, logits[k]) for k, (t, loss) in enumerate(zip(terms, losses))]
+        with torch.no_grad():
+            return step_out([list(t) for t in terms],
+                            [point_row(t, loss) for t, loss in zip(terms, losses)],
+                            logits.detach(), y)
 
     def empty_step(self, x: Tensor) -> None:
         """A data-parallel rank's empty share of a last global batch: zero gradients into
@@ -250,17 +299,30 @@ class VmapStudents:
         self.base.train()
         if sums is None:  # a rank without test samples
             sums = torch.zeros(len(self.states), 2, device=s0.device)
-        if self.group is not None:
-            total = self.group.all_reduce(torch.cat([sums.reshape(-1), sums.new_full((1,), n)]))
-            sums, n = total[:-1].view(-1, 2), total[-1].item()
-        return [(100.0 * a / n, 100.0 * b / n) for a, b in sums.tolist()]
+        return _accuracies(sums, n, s0.all_reduce)
 
 
-def teacher_output(state: TrainState, teacher_fn, x: Tensor):
+def _accuracies(sums: Tensor, n: int, all_reduce) -> list[tuple[float, float]]:
+    """Per point (%) from the correct top-1/top-5 counts `sums` [K, 2] of `n` samples, summed
+    over the processes first when `all_reduce` is given; one host read."""
+    total = torch.cat([sums.reshape(-1), sums.new_full((1,), n)])
+    if all_reduce is not None:
+        total = all_reduce(total)
+    *values, n = total.tolist()
+    return [(100.0 * values[2 * k] / n, 100.0 * values[2 * k + 1] / n)
+            for k in range(len(values) // 2)]
+
+
+def teacher_output(state: TrainState, teacher_fn, x: Tensor, cudagraphs: bool = False):
     """The teacher's output on the batch, once for the whole pack, computed as
-    `rld.loop.train_step` computes it (the state's input format and autocast, no graph)."""
+    `rld.loop.train_step` computes it (the state's input format and autocast, no graph).
+    With `cudagraphs`: the step's start marked, and the output copied out of the graphs'
+    pool, which the students' replays may reuse."""
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.no_grad(), state.autocast():
-        return teacher_fn(state.inputs(x))
+        out = teacher_fn(state.inputs(x))
+    return out.clone() if cudagraphs else out
 
 
 def build_students(states: list[TrainState], mode: str, compile: bool = False,

@@ -45,25 +45,23 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from rld.config import POINT_KEYS, key_in
+from rld.config import POINT_KEYS, distills, key_in
 from rld.engine import (
     RunBook,
     RunDir,
     RunError,
-    agreed_fingerprint,
     build_data,
     build_student,
     check_same_start,
-    distills,
+    hold_lock,
     load_teacher,
     load_training_state,
-    run_lock,
+    recall,
     setup_device,
     student_checkpoint,
-    teacher_identity,
     training_state_dict,
 )
-from rld.loop import CUDAGRAPH_MODES, Progress, evaluate
+from rld.loop import Progress, evaluate, uses_cudagraphs
 from rld.packed.students import build_students, resolve_mode, teacher_output
 from rld.reproduce import fingerprint, flatten, rng_state, seed_everything, set_rng_state
 from rld.validate import ConfigError, validate
@@ -225,9 +223,10 @@ def train_pack(cfgs: list, run_dirs: list, mode: str = "auto") -> list:
         with p.scope():
             _check(p, world)
     keys = {pack_key(p.cfg) for p in unique if p.open}
-    if len(keys) > 1:
-        raise ValueError("train_pack: the points differ in more than their distiller "
-                         "(group them with plan_packs)")
+    teachers = {str(p.cfg.teacher.checkpoint) for p in unique if p.open and distills(p.cfg)}
+    if len(keys) > 1 or len(teachers) > 1:
+        raise ValueError("train_pack: the points differ in more than their distiller, or "
+                         "distil from different teachers (group them with plan_packs)")
     valid = [p for p in unique if p.open]
     if valid and world.distributed:
         from rld.distributed import process_group
@@ -260,36 +259,16 @@ def _lock_and_train(points: list[Point], mode: str, group) -> None:
     with ExitStack() as locks:
         todo = []
         for p in points:
-            with p.scope():
-                _recall(p, group)
-            if not p.open:
-                continue
             try:
-                if group is None:
-                    locks.enter_context(run_lock(p.run_dir))
-                else:
-                    group.on_main(lambda p=p: locks.enter_context(run_lock(p.run_dir)))
-                todo.append(p)
-            except RunError as e:
+                with p.scope():
+                    p.fp, p.outcome = recall(p.cfg, RunDir(p.run_dir), group)
+                if p.open:
+                    hold_lock(RunDir(p.run_dir), locks, group)
+                    todo.append(p)
+            except (ConfigError, RunError) as e:
                 p.outcome = e
         if todo:
             _train_cut(todo, mode, group)
-
-
-def _recall(p: Point, group) -> None:
-    """Take the fingerprint (agreed by the ranks of `group`), recall a finished run."""
-    try:
-        if group is None:
-            p.fp = fingerprint(p.cfg, teacher_identity(p.cfg))
-            done = RunDir(p.run_dir).recall(p.fp)
-        else:
-            p.fp = agreed_fingerprint(p.cfg, group)
-            done = group.on_main(lambda: RunDir(p.run_dir).recall(p.fp))
-        if done is not None:
-            log.info("run already finished (%s): %s", done.status, p.run_dir)
-            p.outcome = done
-    except (ConfigError, RunError) as e:
-        p.outcome = e
 
 
 def _train_cut(points: list[Point], mode: str, group) -> None:
@@ -299,27 +278,11 @@ def _train_cut(points: list[Point], mode: str, group) -> None:
     (all but the input errors) ends the process."""
     try:
         _train(points, mode, group)
+        return
     except PackTooLarge as e:
-        if group is not None:  # one rank's memory: the others wait in a collective
-            raise RuntimeError(f"out of device memory on rank {group.rank} with a pack of "
-                               f"{len(points)} points ({e}): set hydra.launcher.pack="
-                               f"{max(1, len(points) // 2)} or lower trainer.batch_size"
-                               ) from None
-        for p in points:
-            p.state = p.scheduler = p.book = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(points) == 1:
-            points[0].outcome = RunError(f"out of device memory with a pack of one point "
-                                         f"({e}); lower trainer.batch_size")
-            return
-        half = (len(points) + 1) // 2
-        log.warning("a pack of %d points does not fit in device memory: training packs of "
-                    "%d and %d (set hydra.launcher.pack=%d to start there)", len(points),
-                    half, len(points) - half, half)
-        _train_cut(points[:half], mode, group)
-        _train_cut(points[half:], mode, group)
+        # only its message is kept: the exception's frames (the failed step's tensors, the
+        # stacked students) are released when this block ends, before the halves train
+        too_large = str(e)
     except Exception as e:  # noqa: BLE001 - the points fail (recorded by the caller)
         if group is not None and not isinstance(e, ConfigError | RunError):
             raise
@@ -327,6 +290,26 @@ def _train_cut(points: list[Point], mode: str, group) -> None:
         for p in points:
             if p.open:
                 p.outcome = e
+        return
+    if group is not None:  # one rank's memory: the others wait in a collective
+        raise RuntimeError(f"out of device memory on rank {group.rank} with a pack of "
+                           f"{len(points)} points ({too_large}): set hydra.launcher.pack="
+                           f"{max(1, len(points) // 2)} or lower trainer.batch_size")
+    for p in points:
+        p.state = p.scheduler = p.book = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(points) == 1:
+        points[0].outcome = RunError(f"out of device memory with a pack of one point "
+                                     f"({too_large}); lower trainer.batch_size")
+        return
+    half = (len(points) + 1) // 2
+    log.warning("a pack of %d points does not fit in device memory: training packs of "
+                "%d and %d (set hydra.launcher.pack=%d to start there)", len(points),
+                half, len(points) - half, half)
+    _train_cut(points[:half], mode, group)
+    _train_cut(points[half:], mode, group)
 
 
 def _eager(cfg):
@@ -398,7 +381,7 @@ def _setup_point(p: Point, data, teacher, device, dtype, rng: dict, mode: str,
             p.state.all_reduce = group.all_reduce
         p.book = RunBook(p.cfg, RunDir(p.run_dir), p.fp,
                          writes=group is None or group.world.main)
-        found = p.book.dir.load_checkpoint(p.fp, device) if p.cfg.trainer.resume else None
+        found = p.book.checkpoint_to_resume(device)
         if group is not None:
             check_same_start(group, p.book.dir, found)
         if found is not None:
@@ -414,7 +397,7 @@ def _evaluate_teacher(points: list[Point], teacher, data) -> None:
     fresh = [p for p in points if distills(p.cfg) and p.book.start == 1]
     if teacher is None or not fresh:
         return
-    top1, _ = evaluate(fresh[0].state, data.test, predict=teacher, model=teacher)
+    top1, _ = evaluate(fresh[0].state, data.test, model=teacher)
     log.info("teacher %s: test top-1 %.2f%%", fresh[0].cfg.pair.teacher, top1)
     for p in fresh:
         p.book.teacher_top1 = top1
@@ -431,8 +414,7 @@ def _run_epochs(live: list[Point], data, teacher, mode: str, group) -> None:
     if teacher is not None:
         teacher_fn = torch.compile(teacher, mode=compile_mode, dynamic=False) if t.compile \
             else teacher
-    cudagraphs = bool(t.compile) and compile_mode in CUDAGRAPH_MODES \
-        and live[0].state.device.type == "cuda"
+    cudagraphs = uses_cudagraphs(t.compile, compile_mode, live[0].state.device)
     progress = Progress(t.progress if live[0].book.writes else "none", t.log_every_s)
     members, students, first = None, None, True
     for epoch in range(min(p.book.start for p in live), epochs + 1):
@@ -485,35 +467,36 @@ def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, 
                  group) -> list[dict | str]:
     """One epoch of every active point; per point its stats (as `rld.loop.train_epoch`
     returns them, over the global batches of a data-parallel pack) or the message of its
-    first non-finite step.  Sums stay on the device and are read once."""
+    first non-finite step.  The sums of every point stay in one device tensor, read once."""
     s0 = active[0].state
     k = len(active)
     needs_teacher = teacher_fn is not None and any(distills(p.cfg) for p in active)
-    sums: list = [None] * k
-    names: list = [[]] * k
-    count = 0
+    acc, names, count = None, None, 0  # acc: [StepOut.values, K correct] summed
     first_bad = torch.full((k,), -1.0, device=s0.device)
     scales = None
     if group is not None:
         from rld.distributed import loss_scales
 
         scales = loss_scales(loader, group.size)
+
+    def mean_loss() -> float:  # the progress bar's read, a few times a second at most
+        values, end = acc.tolist(), 0
+        total = 0.0
+        for point in names:  # each point's total loss follows its terms
+            end += len(point) + 1
+            total += values[end - 1]
+        return total / (count * k)
+
     progress.start(epoch, epochs, len(loader))
     for step, batch in enumerate(loader):
-        x, y = batch[0], batch[1]
-        if y.shape[0] == 0:  # this rank's empty share of the last global batch
-            students.empty_step(x)
-            # never a rank's first batch: the sums exist
-            progress.update(lambda c=count: sum(s[-2].item() for s in sums) / (c * k))
+        x, y = s0.inputs(batch[0]), batch[1]  # the format every student takes, once
+        if y.shape[0] == 0:  # this rank's empty share of the last global batch (never its
+            students.empty_step(x)  # first: the sums exist)
+            progress.update(mean_loss)
             continue
         try:
-            if cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            out_t = teacher_output(s0, teacher_fn, x) if needs_teacher else None
-            if cudagraphs and out_t is not None:  # out of the graphs' pool: the students'
-                out_t = out_t.clone()  # replays (loop mode marks a step each) may reuse it
-            results = students.step(x, y, out_t, epoch,
-                                    None if scales is None else scales[step])
+            out_t = teacher_output(s0, teacher_fn, x, cudagraphs) if needs_teacher else None
+            out = students.step(x, y, out_t, epoch, None if scales is None else scales[step])
         except torch.OutOfMemoryError as e:
             if first and step == 0:
                 raise PackTooLarge(str(e).splitlines()[0]) from None
@@ -521,42 +504,43 @@ def _train_epoch(students, active: list[Point], loader, teacher_fn, epoch: int, 
         with torch.no_grad():
             n = y.shape[0]  # host metadata: no device read
             count += n
-            for j, (terms, loss, logits) in enumerate(results):
-                names[j] = list(terms)
-                row = torch.stack([*(v.detach() * n for v in terms.values()), loss.detach() * n,
-                                   (logits.argmax(1) == y).sum().float()])
-                sums[j] = row if sums[j] is None else sums[j] + row
-            losses = torch.stack([r[1].detach() for r in results])
-            bad = ~torch.isfinite(losses) & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, step + 1), first_bad)
-        progress.update(lambda c=count: sum(s[-2].item() for s in sums) / (c * k))
+            names = out.names
+            row = torch.cat([out.values * n, out.correct])
+            acc = row if acc is None else acc + row
+            bad = ~torch.isfinite(out.losses) & (first_bad < 0)
+            first_bad = torch.where(bad, float(step + 1), first_bad)
+        progress.update(mean_loss)
     progress.end()
-    return _epoch_stats(sums, names, count, first_bad, epoch, group)
+    if acc is None:
+        raise ValueError("the training loader gave no batch")
+    return _epoch_stats(acc, names, count, first_bad, epoch, group)
 
 
-def _epoch_stats(sums: list, names: list, count: int, first_bad, epoch: int,
+def _epoch_stats(acc, names: list[list[str]], count: int, first_bad, epoch: int,
                  group) -> list[dict | str]:
-    """Per point: its epoch's mean loss terms and train top-1 from the device sums (summed
-    over the ranks of `group`), or the message of its first non-finite step; one host read."""
-    k = len(sums)
+    """Per point: its epoch's mean loss terms and train top-1 from the device sums `acc`
+    ([`StepOut.values`, K correct]; summed over the ranks of `group`), or the message of its
+    first non-finite step; one host read."""
+    k = len(names)
     bad = (first_bad > 0).float()
-    stats = torch.cat([*(s.float() for s in sums), first_bad.new_full((1,), count), bad,
+    stats = torch.cat([acc.float(), first_bad.new_full((1,), count), bad,
                        first_bad.clamp(min=0) * bad])
     if group is not None:
         stats = group.all_reduce(stats)
     values = stats.tolist()
-    count = values[-2 * k - 1]
+    width = sum(len(t) + 1 for t in names)  # every point's terms and total loss
+    correct, count = values[width:width + k], values[width + k]
+    n_bad, bad_steps = values[-2 * k:-k], values[-k:]
     out: list[dict | str] = []
     start = 0
     for j in range(k):
-        row = values[start:start + len(names[j]) + 2]
+        row = values[start:start + len(names[j]) + 1]
         start += len(row)
-        n_bad, bad_steps = values[-2 * k + j], values[-k + j]
-        if n_bad > 0:  # the first non-finite step (averaged over the ranks that saw one)
-            out.append(f"non-finite loss at epoch {epoch}, step {round(bad_steps / n_bad)}")
+        if n_bad[j] > 0:  # the first non-finite step (averaged over the ranks that saw one)
+            out.append(f"non-finite loss at epoch {epoch}, step {round(bad_steps[j] / n_bad[j])}")
             continue
         stat = {f"loss_{name}": v / count for name, v in zip(names[j], row)}
-        stat["loss"] = row[-2] / count
-        stat["train_top1"] = 100.0 * row[-1] / count
+        stat["loss"] = row[-1] / count
+        stat["train_top1"] = 100.0 * correct[j] / count
         out.append(stat)
     return out

@@ -10,6 +10,8 @@ import math
 import re
 from pathlib import Path
 
+from rld.io import write_text
+
 from .runs import RUN_COLUMNS, Run
 from .summary import (
     METRIC_TEXT,
@@ -290,12 +292,6 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_=,.+-]", "_", name)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-
-
 def write_outputs(runs: list[Run], out: Path, metric: str,
                   literature: list[PaperRow] | None = None,
                   ) -> tuple[list[Path], list[DatasetTable]]:  # fmt: skip
@@ -303,18 +299,18 @@ def write_outputs(runs: list[Run], out: Path, metric: str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "runs.csv"]
-    _write(written[0], runs_csv(runs))
+    write_text(written[0], runs_csv(runs))
     tables = build_tables(runs, metric, literature)
     for t in tables:
         for ext, fn in (("md", table_markdown), ("csv", table_csv), ("tex", table_latex)):
             written.append(out / f"{safe_name(t.dataset)}.{ext}")
-            _write(written[-1], fn(t))
+            write_text(written[-1], fn(t))
         for g in t.groups:
             for grid in g.grids:
                 # (not with_suffix: a setting's value may hold a dot, e.g. tau=2.5)
                 md, png = (out / safe_name(t.dataset) / f"{safe_name(grid_name(grid))}.{ext}"
                            for ext in ("md", "png"))
-                _write(md, grid_markdown(grid, metric))
+                write_text(md, grid_markdown(grid, metric))
                 grid_png(grid, metric, png)
                 written += [md, png]
     return written, tables

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from cli_helpers import REPO, TORCHRUN, run_train, train_command, train_env
 
 TINY = ["dataset=synthetic", "pair=tiny", "trainer.epochs=1", "dataset.train_size=64",
         "dataset.test_size=64", "trainer.batch_size=32", "trainer.progress=none"]
@@ -23,22 +21,17 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
          "hydra.launcher.timeout_min=30"]
 
 
-def command(root: Path, *args: str) -> list[str]:
-    flags = [a for a in args if a.startswith("-")]
-    rest = [a for a in args if not a.startswith("-")]
-    return [sys.executable, "-m", "rld.train", *flags, f"paths.root={root}", *rest]
+def cli(root: Path, *args: str):
+    return run_train(root, *args, timeout=900)
 
 
-def environ() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def cli(root: Path, *args: str, timeout: float = 900):
-    cmd = command(root, *args)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=environ())
-    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+def completed_runs(sweep: Path, count: int) -> list[dict]:
+    """The records of the sweep's runs: `count` of them, every one completed."""
+    paths = sorted((sweep / "synthetic").rglob("metrics.json"))
+    assert len(paths) == count, paths
+    records = [{**json.loads(m.read_text()), "dir": m.parent} for m in paths]
+    assert all(r["status"] == "completed" for r in records), records
+    return records
 
 
 def test_grid_2x2_through_slurm(slurm_cluster, teacher_root):
@@ -50,9 +43,7 @@ def test_grid_2x2_through_slurm(slurm_cluster, teacher_root):
     cli(root, "-m", *TINY, *SLURM, "hparams=grid", "dataset.grid_beta=[2,4]",
         "dataset.grid_tau=[2,3]", f"tag={tag}")
     sweep = root / "sweeps" / tag
-    runs = sorted((sweep / "synthetic").rglob("metrics.json"))
-    assert len(runs) == 4, runs
-    assert all(json.loads(m.read_text())["status"] == "completed" for m in runs)
+    completed_runs(sweep, 4)
     jobs = [d for d in (sweep / ".submitit").iterdir() if d.is_dir()]
     assert len([d for d in jobs if re.fullmatch(r"\d+_\d+", d.name)]) == 4  # array tasks
     storage = f"sqlite:///{sweep}/optuna.db"
@@ -93,9 +84,9 @@ def reference_run(teacher_root) -> Path:
 def _interrupted(root: Path, tag: str, interruption: str, *extra: str) -> tuple[Path, str]:
     """Run RUN through Slurm as tag `tag`, interrupt its job once a checkpoint is saved
     (`scontrol requeue` or SIGUSR2), let the requeued job finish; (run dir, Slurm logs)."""
-    proc = subprocess.Popen(command(root, "-m", *RUN, *SLURM, *extra, f"tag={tag}"),
+    proc = subprocess.Popen(train_command(root, "-m", *RUN, *SLURM, *extra, f"tag={tag}"),
                             cwd=REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=environ())
+                            stderr=subprocess.STDOUT, env=train_env())
     sweep = root / "sweeps" / tag
     job = None
     try:
@@ -172,11 +163,7 @@ def test_two_task_job_is_one_data_parallel_run_that_resumes(slurm_cluster, teach
     # 4x the samples of RUN: the epochs left after the first checkpoint must outlast Slurm's
     # KillWait (5 s), or the job, which submitit lets finish on SIGTERM, ends before SIGKILL
     bigger = "dataset.train_size=2048"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "rld.train", f"paths.root={root}", *RUN, bigger,
-                "tag=ref-ddp"]
-    subprocess.run(torchrun, cwd=REPO, check=True, capture_output=True, timeout=600,
-                   env=environ())
+    run_train(root, *RUN, bigger, "tag=ref-ddp", timeout=600, launch=TORCHRUN)
     (reference,) = [m.parent for m in (root / "sweeps/ref-ddp/synthetic").rglob("metrics.json")]
     run_dir, logs = _interrupted(root, "slurm-ddp", "requeue", "hydra.launcher.tasks_per_node=2",
                                  bigger)
@@ -199,12 +186,9 @@ def test_packed_grid_through_slurm(slurm_cluster, teacher_root):
     cli(root, "-m", *TINY, *SLURM, "hydra.launcher.pack=4", "distiller.beta=2,4",
         "distiller.tau=2,3", f"tag={tag}")
     sweep = root / "sweeps" / tag
-    runs = sorted((sweep / "synthetic").rglob("metrics.json"))
-    assert len(runs) == 4, runs
-    for m in runs:
-        record = json.loads(m.read_text())
-        assert record["status"] == "completed" and record["packed"]["points"] == 4
-        assert (m.parent / "student.pt").exists() and (m.parent / "train.log").exists()
+    for record in completed_runs(sweep, 4):
+        assert record["packed"]["points"] == 4
+        assert (record["dir"] / "student.pt").exists() and (record["dir"] / "train.log").exists()
     jobs = [d for d in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", d.name)]
     assert len(jobs) == 1, jobs
     print(f"packed 2x2 grid through Slurm: {time.time() - t0:.1f}s")
@@ -218,9 +202,8 @@ def test_requeued_pack_resumes_every_point(slurm_cluster, teacher_root, referenc
     _, logs = _interrupted(teacher_root, "slurm-pack-requeue", "requeue",
                            "hydra.launcher.pack=2", "distiller.scd_tau=4,2")
     assert "resumed from" in logs, "the pack did not resume from its checkpoints"
-    runs = sorted((teacher_root / "sweeps/slurm-pack-requeue/synthetic").rglob("metrics.json"))
-    assert len(runs) == 2
-    (same,) = [m.parent for m in runs if json.loads(m.read_text())["scd_tau"] == 4.0]
+    runs = completed_runs(teacher_root / "sweeps/slurm-pack-requeue", 2)
+    (same,) = [r["dir"] for r in runs if r["scd_tau"] == 4.0]
     _assert_same_run(same, reference_run)
     print(f"packed requeue: {time.time() - t0:.1f}s")
 
