@@ -1,9 +1,10 @@
-"""Structured configs: every key of `conf/train.yaml` is typed and documented here.
+"""Structured configs: every key of `conf/train.yaml` is typed and documented here, except
+the chosen distiller's settings, which its registration types (`rld.distillers`).
 
 The YAML files under `conf/` pick values; these dataclasses, registered in Hydra's
 ConfigStore, fix which keys exist and their types, so a misspelt or ill-typed override
 fails at composition time.  Value checks that types cannot express (tau > 0, ...) live in
-`rld.validate`.
+`rld.validate` and in each distiller's settings.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ CIFAR_STD = (0.2675, 0.2565, 0.2761)
 class DatasetConfig:
     """A data set and its training recipe (supplement C.1/C.2)."""
 
-    name: str = "cifar100"  # cifar100 | imagenet | synthetic | digits
+    name: str = "cifar100"  # a registered data set: cifar100 | imagenet | synthetic | digits | ...
     family: str = "cifar"  # model family: cifar (32x32 inputs) | imagenet (224x224)
     root: str = "${paths.data}/cifar100"  # where the files are (cifar100, imagenet)
     download: bool = False  # cifar100: download into `root` when missing
@@ -59,30 +60,9 @@ class PairConfig:
     student: str = "resnet8x4"
     # initial learning rate by role: the recipe uses 0.01 for ShuffleNet/MobileNet students
     lr: dict[str, float] = field(default_factory=lambda: {"student": 0.05, "teacher": 0.05})
-    # per-distiller loss defaults, e.g. {dkd: {beta: 2.0}}; read by conf/distiller/*.yaml
+    # per-distiller setting defaults for this pair, e.g. {dkd: {beta: 2.0}} (every setting of
+    # a registered distiller defaults to `loss_defaults.<distiller>.<setting>` when given)
     loss_defaults: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DistillerConfig:
-    """Loss hyperparameters.  loss = ce_weight * CE + min(epoch / warmup, 1) * kd_weight * L."""
-
-    name: str = "rld"  # vanilla | kd | dkd | rld | fitnet | ofd | reviewkd | crd
-    alpha: float = 1.0  # weight of TCKD (dkd) / SCD (rld)
-    beta: float = 8.0  # weight of NCKD (dkd) / MCD (rld)
-    tau: float = 4.0
-    scd_tau: float = "${distiller.tau}"  # type: ignore[assignment]  # rld only
-    warmup: int = 20  # epochs of linear warm-up of the distillation term (0: none)
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0  # weight of the distillation term (KD uses 0.9)
-    standardize: bool = False  # logit standardisation (Sun et al., CVPR 2024)
-    hint_layer: int = 2  # fitnet: index of the hinted feature map (0 = stem, then stages)
-    student_preact: bool = False  # reviewkd: fuse the student's pre-ReLU maps (ImageNet: true)
-    feat_dim: int = 128  # crd: dimension of the embeddings of both pooled features
-    nce_k: int = 16384  # crd: negatives per sample, drawn from the other classes
-    nce_t: float = 0.07  # crd: temperature of the contrastive scores
-    nce_momentum: float = 0.5  # crd: momentum of the memory of each sample's embeddings
-    nce_replace: bool = False  # crd: negatives with replacement (else without, where possible)
 
 
 @dataclass
@@ -138,7 +118,9 @@ class PathsConfig:
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     pair: PairConfig = field(default_factory=PairConfig)
-    distiller: DistillerConfig = field(default_factory=DistillerConfig)
+    # the chosen distiller's settings: typed by its registered schema
+    # (`rld.distillers.DistillerSpec.config_schema`, ConfigStore `distiller_schema/<name>`)
+    distiller: Any = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -149,31 +131,27 @@ class TrainConfig:
     objective: str = "top1_best"  # metric returned to sweepers: top1_best | top1 | top5
     # settings of the Optuna presets (conf/hparams/): storage, study name, budget, ...
     hparams: dict[str, Any] = field(default_factory=dict)
+    # modules of the user's own packages that register models, data sets or distillers
+    # (`rld.register_*`), imported before the config is validated: plugins=[myext]
+    plugins: list[str] = field(default_factory=list)
 
 
 def register_configs() -> None:
-    """Register the schema (`train_schema`, used by conf/train.yaml) and the resolvers."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Register the schemas in Hydra's ConfigStore: `train_schema` (used by
+    conf/train.yaml), `distiller_schema/<name>` of every registered distiller and
+    `dataset_schema/<name>` of every data set with keys of its own (conf/train.yaml picks
+    the chosen one's); and the resolvers.  Called again after plugins are loaded."""
+    from rld.data import DATASETS
+    from rld.distillers import DISTILLERS
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, spec in DISTILLERS.items():
+        store.store(group="distiller_schema", name=name, node=spec.config_schema())
+    for name, spec in DATASETS.items():
+        if spec.settings is not None:
+            store.store(group="dataset_schema", name=name, node=spec.settings)
     register_resolvers()
-
-
-# Which DistillerConfig keys each distiller reads (one place: the tables group runs by these
-# and ignore the others), and the keys that name its grid point in a run directory's name.
-DISTILLER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "vanilla": (),
-    "kd": ("tau", "warmup", "ce_weight", "kd_weight", "standardize"),
-    "dkd": ("alpha", "beta", "tau", "warmup", "ce_weight", "kd_weight", "standardize"),
-    "rld": ("alpha", "beta", "tau", "scd_tau", "warmup", "ce_weight", "kd_weight",
-            "standardize"),
-    "fitnet": ("hint_layer", "warmup", "ce_weight", "kd_weight"),
-    "ofd": ("warmup", "ce_weight", "kd_weight"),
-    "reviewkd": ("student_preact", "warmup", "ce_weight", "kd_weight"),
-    "crd": ("feat_dim", "nce_k", "nce_t", "nce_momentum", "nce_replace", "warmup",
-            "ce_weight", "kd_weight"),
-}
-POINT_KEYS: dict[str, tuple[str, ...]] = {"kd": ("tau",), "dkd": ("beta", "tau"),
-                                          "rld": ("beta", "tau"), "fitnet": (), "ofd": (),
-                                          "reviewkd": (), "crd": ()}
 
 # Two key lists (an entry ending in "." or "/" is a prefix, any other entry an exact key):
 # NOT_IN_FINGERPRINT: keys that say where or how a run executes, not what it computes.  They
@@ -181,30 +159,29 @@ POINT_KEYS: dict[str, tuple[str, ...]] = {"kd": ("tau",), "dkd": ("beta", "tau")
 # refuses a resume or a recall, and out of its directory name.  The teacher is identified by
 # the content of its checkpoint instead of by `teacher.checkpoint`.
 NOT_IN_FINGERPRINT = ("paths.", "hydra.", "hydra/", "hparams", "hparams.", "teacher.", "tag",
+                      "plugins", "plugins.",
                       "objective", "sweep", "trainer.device", "trainer.progress",
                       "trainer.resume", "trainer.log_every_s", "trainer.compile",
                       "trainer.compile_mode", "trainer.channels_last", "trainer.tensorboard",
                       "trainer.dist_timeout_s",
                       "dataset.root", "dataset.download", "dataset.workers", "dataset.decoder")
 # SHOWN_BY_PATH: keys a run directory shows as folders (<dataset>/<pair>/<distiller>/...
-# seed=N); with NOT_IN_FINGERPRINT and the distiller's POINT_KEYS (shown resolved), they are
+# seed=N); with NOT_IN_FINGERPRINT and the distiller's point keys (shown resolved), they are
 # left out of the extra overrides listed in its name.
 SHOWN_BY_PATH = ("dataset", "pair", "distiller", "role", "seed")
 
 
-def unread_settings(distiller: str | None) -> tuple[str, ...]:
-    """`distiller.<key>` of every setting the distiller does not read (they change nothing:
-    left out of its fingerprint and directory name); none for an unknown distiller."""
-    if distiller not in DISTILLER_SETTINGS:
-        return ()
-    keys = set(DistillerConfig.__dataclass_fields__) - {"name"}
-    return tuple(f"distiller.{k}" for k in sorted(keys - set(DISTILLER_SETTINGS[distiller])))
+def distiller_spec(cfg):
+    """The registered distiller (`rld.distillers.DistillerSpec`) of a composed config."""
+    from rld.distillers import DISTILLERS
+
+    return DISTILLERS.get(str(cfg.distiller.name))
 
 
 def distills(cfg) -> bool:
     """Whether the run of a composed config distils from a teacher (role=teacher runs are
     vanilla: `rld.validate`)."""
-    return str(cfg.distiller.name) != "vanilla"
+    return distiller_spec(cfg).needs_teacher
 
 
 def trained_arch(cfg) -> str:
@@ -217,21 +194,32 @@ def key_in(key: str, entries: tuple[str, ...]) -> bool:
     return any(key == e or (e[-1] in "./" and key.startswith(e)) for e in entries)
 
 
-def run_name(role: str, distiller: str, beta: float, tau: float, overrides) -> str:
+def point_value(value) -> str:
+    """A setting's value in a run directory's name (`8`, `0.5`, `true`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return f"{float(value):g}"
+    return str(value).replace("/", "_")
+
+
+def run_name(role: str, distiller, overrides) -> str:
     """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2,tau=3`.
 
-    The point names the distiller's POINT_KEYS (as resolved, so defaults show too) followed by
-    every other command-line override that changes the result (`trainer.epochs=2`, ...; not
-    the distiller settings it does not read).
+    The point names the distiller's point keys (`DistillerSpec.point`, as resolved from the
+    `distiller` node, so defaults show too) followed by every other command-line override
+    that changes the result (`trainer.epochs=2`, `alpha=0.5`, ...).
     """
+    name = str(distiller["name"])
     if role == "teacher":
         head, keys = "teacher", ()
     else:
-        head, keys = distiller, POINT_KEYS.get(distiller, ())
-    values = {"beta": beta, "tau": tau}
-    point = [f"{k}={float(values[k]):g}" for k in keys]
-    hidden = (SHOWN_BY_PATH + NOT_IN_FINGERPRINT + tuple(f"distiller.{k}" for k in keys)
-              + unread_settings(head))
+        from rld.distillers import DISTILLERS
+
+        head = name
+        keys = DISTILLERS.get(name).point if name in DISTILLERS else ()
+    point = [f"{k}={point_value(distiller[k])}" for k in keys]
+    hidden = SHOWN_BY_PATH + NOT_IN_FINGERPRINT + tuple(f"distiller.{k}" for k in keys)
     extras = []
     for item in overrides or ():
         key, _, value = str(item).lstrip("+~").partition("=")

@@ -103,7 +103,8 @@ def local_device(device: torch.device, world: World) -> torch.device:
 
 # --------------------------------------------------------------------------- the group
 class Group:
-    """The process group of a data-parallel run and the collectives around training."""
+    """The process group of a run and the collectives around training.  One process is a
+    one-rank group: its collectives are the identity, and `on_main` simply calls."""
 
     def __init__(self, world: World, device: torch.device):
         self.world, self.device = world, device
@@ -117,7 +118,9 @@ class Group:
         return self.world.size
 
     def all_reduce(self, t: Tensor) -> Tensor:
-        """The sum of `t` over the ranks (a new tensor)."""
+        """The sum of `t` over the ranks (a new tensor; `t` itself on one rank)."""
+        if self.size == 1:
+            return t
         import torch.distributed as dist
 
         out = t.clone()
@@ -126,6 +129,8 @@ class Group:
 
     def gather(self, obj: Any) -> list:
         """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
         import torch.distributed as dist
 
         out: list = [None] * self.size
@@ -135,6 +140,8 @@ class Group:
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """Rank 0 calls `fn`; every rank returns its result or raises its exception, so a
         decision (a recall, a lock, a refusal) is the same on all ranks."""
+        if self.size == 1:
+            return fn()
         import torch.distributed as dist
 
         box: list = [None]
@@ -162,7 +169,11 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
     """The default process group of `world` (NCCL on CUDA, gloo on the CPU), every
     collective bounded by `timeout_s`.  Started by the first run of the process and kept
     for the next ones (the grid points of a multirun: a group started again after
-    `destroy_process_group` does not rendezvous under torchrun); destroyed at exit."""
+    `destroy_process_group` does not rendezvous under torchrun); destroyed at exit.  One
+    process: a one-rank `Group`, nothing started."""
+    if not world.distributed:
+        yield Group(world, device)
+        return
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -175,7 +186,7 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
                                 **kwargs)
         atexit.register(_destroy_process_group)
     elif dist.get_backend() != backend:
-        from rld.validate import ConfigError
+        from rld.errors import ConfigError
 
         raise ConfigError(f"trainer.device={device} is not allowed here: this process's "
                           f"earlier runs started a {dist.get_backend()} group; one device "
@@ -284,19 +295,15 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- DDP
 class DataParallel:
-    """What one rank adds to a `TrainState` (`TrainState.parallel`, called by rld.loop):
-    the loss scale of each step, the distiller's gradient average and the end-of-epoch
-    agreement of buffers."""
+    """What one rank adds to a `TrainState` (`TrainState.parallel`, called by rld.loop and
+    rld.students): the distiller's gradient average and the end-of-epoch agreement of
+    buffers."""
 
     def __init__(self, group: Group, distiller_params: list[nn.Parameter],
                  shared: list[nn.Module]):
         self.group = group
         self.distiller_params = distiller_params
         self.shared = shared  # modules whose buffers follow rank 0's at each epoch's end
-
-    def loss_scales(self, loader) -> list[float]:
-        """Per step of `loader`'s plan: b_r * W / B (`loss_scales`)."""
-        return loss_scales(loader, self.group.size)
 
     def after_backward(self) -> None:
         """Average the gradients of the distiller's own modules (DDP averages the

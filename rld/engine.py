@@ -1,63 +1,69 @@
-"""The training engine: one run of a config in one run directory.
+"""The training engine: the one path that trains runs, each in its own run directory.
 
-It knows models, data, an optimiser and a `Distiller`, nothing about any specific method;
-the step and epoch loops are in `rld.loop`.  A run directory holds `metrics.json` (the
-run's record, `rld.record`: written when the run starts and when it ends), `history.csv`,
-`student.pt`, TensorBoard event files (`tb/`) and `checkpoints/last.pt`, written atomically
-after every epoch with every state needed to continue bit-for-bit (model, distiller,
-optimiser, scheduler, best accuracy, history, RNG states; the data order is a function of
-(seed, epoch)); the previous epoch's checkpoint is kept as `checkpoints/prev.pt`.  Running
-again in the same directory resumes from the newest checkpoint that reads; a finished run
-returns its record without training; a run whose fingerprint (its result-deciding config and
-its teacher's identity) differs from the directory's is refused.
+A unit is K >= 1 runs ("points") trained together in one process: a single run is a unit of
+one; a pack (`rld.packing`) is the points of a sweep that differ only in their distiller,
+which share one data pipeline and one teacher forward per batch.  One process is a one-rank
+group; under torchrun or in a Slurm job of several tasks (`rld.world`) every process trains
+the same unit as one rank of a data-parallel run (`rld.distributed`): rank 0 decides
+(recall, locks) and alone writes, every rank steps its share of each global batch.
 
-Under torchrun or in a Slurm job of several tasks (`rld.world`), a run is data-parallel
-(`run_parallel`, `rld.distributed`): rank 0 recalls, locks, logs and writes the run directory
-(its `RunBook` writes; the others' keep the same book and write nothing), every rank resumes
-from the same checkpoint and trains its share of each global batch, and the numbers of each
-epoch are those of the whole global batch and test set.
+`train_points` sets a unit up in one order (device, seed, data, teacher, each point's
+student from the RNG state its separate run would have, data-parallel wrap, resume or
+teacher evaluation), then trains every point's remaining epochs (`rld.loop.train_epoch`;
+the students step one after another or batched: `rld.students`), evaluates them and
+keeps each point's books (`rld.rundir.RunBook`: record, history, TensorBoard, checkpoints,
+`student.pt`).  A packed point therefore resumes unpacked and the other way round, and the
+points of a unit may start at different epochs (a lagging point trains alone until the
+others' epoch).  A point whose loss turns non-finite stops alone (`diverged`); a point whose
+config or run directory is unusable fails alone.  An out-of-memory error at a pack's first
+step cuts the pack in two and trains the halves one after the other.  In a data-parallel
+unit the ranks must stay in step, so an error that one rank alone meets ends the process,
+and torchrun or srun the job; running the command again resumes every point.
 """
 
 from __future__ import annotations
 
-import fcntl
+import gc
 import logging
-import os
-import shutil
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from rld import io
 from rld.config import distills, trained_arch
-from rld.data import DataError, build_loaders
+from rld.data import build_loaders
 from rld.data import resolve_device as resolve_data_device
 from rld.distillers import build_distiller
 from rld.distributed import Group, data_parallel, local_device, process_group
-from rld.loop import Diverged, Progress, TrainState, build_train_state, evaluate, train_epoch
-from rld.models import CheckpointError, build_model, load_checkpoint
-from rld.record import RecordError, RunRecord, read_record
-from rld.reproduce import (
-    TEACHER_KEY,
-    file_sha256,
-    fingerprint,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    versions,
+from rld.errors import CheckpointError, ConfigError, DataError, RunError
+from rld.loop import (
+    PackTooLarge,
+    Progress,
+    TrainState,
+    build_train_state,
+    compiled,
+    evaluate_model,
+    train_epoch,
+    uses_cudagraphs,
 )
-from rld.validate import ConfigError, validate
+from rld.models import build_model, load_checkpoint
+from rld.packing import pack_key, point_label, point_scope
+from rld.record import RunRecord
+from rld.reproduce import file_sha256, fingerprint, rng_state, seed_everything, set_rng_state
+from rld.rundir import RunBook, RunDir, config_difference, record_failure, run_lock
+from rld.students import build_students, resolve_mode
+from rld.validate import validate
 from rld.world import World, find_world
 
 log = logging.getLogger("rld")
 
-
-class RunError(ValueError):
-    """A run cannot start (missing teacher, busy or mismatched run directory, ...)."""
+__all__ = ["RunError", "device_label", "point_failed", "resolve_device", "resolve_precision",
+           "run", "train_points"]
 
 
 # --------------------------------------------------------------------------- devices
@@ -80,156 +86,94 @@ def device_label(device: torch.device) -> str:
     return str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
 
 
-# --------------------------------------------------------------------------- run directory
-def config_difference(new: dict, old: dict) -> list[str]:
-    """Keys whose values differ between two fingerprints.  Only keys on both sides are
-    compared: a key one side lacks was added to (or dropped from) the schema between the two
-    versions that wrote them, or is a teacher identity that could not be taken (no file);
-    a changed value of a new key also changes the run directory's name, so it never reaches
-    the same directory by the command line."""
-    return sorted(k for k in set(new) & set(old) if new[k] != old[k])
+def setup_device(t, world: World) -> tuple[torch.device, torch.dtype]:
+    """The device and precision of `trainer` settings, with cuDNN/TF32 set for CUDA; on a
+    data-parallel `world`, this rank's GPU (`rld.distributed.local_device`), made the
+    current one."""
+    device = local_device(resolve_device(t.device), world)
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not t.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, resolve_precision(t.precision, device)
 
 
-class RunDir:
-    """The files of one run directory."""
-
-    HISTORY = "history.csv"
-    LAST = Path("checkpoints") / "last.pt"
-    PREV = Path("checkpoints") / "prev.pt"
-    STUDENT = "student.pt"
-    TENSORBOARD = "tb"
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def recall(self, fp: dict) -> RunRecord | None:
-        """The record of a finished run of this configuration; None when there is none (or
-        it cannot be read: the run resumes from its checkpoint and writes a new one)."""
-        try:
-            record = read_record(self.path)
-        except RecordError as e:
-            log.warning("%s; resuming from the checkpoints to write it again", e)
-            return None
-        if record is None or not record.settled:
-            return None
-        diff = config_difference(fp, record.fingerprint)
-        if diff:
-            raise RunError(f"{self.path} holds a finished run of another configuration "
-                           f"(differs in {', '.join(diff[:5])}); choose another tag= or "
-                           "remove that directory")
-        if TEACHER_KEY in fp and TEACHER_KEY not in record.fingerprint:
-            log.warning("the record in %s does not identify its teacher: recalled unchecked",
-                        self.path)
-        return record
-
-    def load_checkpoint(self, fp: dict, device: torch.device) -> tuple[dict, Path] | None:
-        """The newest checkpoint that reads (last.pt, else prev.pt) and its path; None when
-        there is none.  RunError when checkpoints exist but none reads, or when one belongs
-        to another configuration."""
-        tried = []
-        for rel in (self.LAST, self.PREV):
-            path = self.path / rel
-            if not path.exists():
-                continue
-            try:
-                state = torch.load(path, map_location=device, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - truncated, corrupt: try the older one
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                log.warning("cannot read %s (%s)", path, reason)
-                tried.append(f"{rel} ({reason})")
-                continue
-            diff = config_difference(fp, state.get("fingerprint") or {})
-            if diff:
-                raise RunError(f"{path} belongs to another configuration (differs in "
-                               f"{', '.join(diff[:5])}); choose another tag= or pass "
-                               "trainer.resume=false to start over")
-            if tried:
-                log.warning("resuming from the older checkpoint %s", path)
-            return state, path
-        if tried:
-            raise RunError(f"cannot resume in {self.path}: no checkpoint reads "
-                           f"({'; '.join(tried)}); pass trainer.resume=false to start over")
-        return None
-
-    def start_over(self) -> None:
-        """Remove the checkpoints and TensorBoard events of an earlier process (a run
-        restarted with trainer.resume=false), so that no fallback finds them later."""
-        for path in (self.path / self.LAST, self.path / self.PREV):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(self.path / self.TENSORBOARD, ignore_errors=True)
-
-    def save_checkpoint(self, state: dict) -> None:
-        """Write last.pt atomically, keeping the one it replaces as prev.pt."""
-        last, prev = self.path / self.LAST, self.path / self.PREV
-        if last.exists():
-            os.replace(last, prev)
-        io.save_torch(last, state)
-
-    def write_history(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        keys = list(rows[0])
-        lines = [",".join(keys)]
-        for r in rows:
-            lines.append(",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k])
-                                  for k in keys))
-        io.write_text(self.path / self.HISTORY, "\n".join(lines) + "\n")
+# --------------------------------------------------------------------------- entry points
+def run(cfg, run_dir: Path) -> RunRecord:
+    """Train (or resume, or recall) the run of `cfg` in `run_dir`, a unit of one; returns
+    its record, or raises what stopped it."""
+    outcome = train_points([cfg], [run_dir])[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
-@contextmanager
-def run_lock(run_dir: Path):
-    """Exclusive lock on the run directory: two processes never train the same run."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"another process is training in {run_dir}; wait for it or "
-                           "choose another tag=") from None
-        yield
+@dataclass
+class Point:
+    """One run of a unit and everything the engine keeps for it."""
+
+    cfg: Any
+    run_dir: Path
+    fp: dict | None = None
+    book: RunBook | None = None
+    state: TrainState | None = None
+    scheduler: Any = None
+    rng: dict | None = None  # the global RNG state its separate run would have
+    outcome: Any = None  # its RunRecord, or the exception that stopped it
+
+    @property
+    def open(self) -> bool:
+        return self.outcome is None
+
+    def scope(self):
+        return point_scope(self.run_dir, point_label(self.cfg))
 
 
-class TensorBoard:
-    """Per-epoch scalars and, at the end, the run's hyperparameters with its final metrics
-    (TensorBoard's HParams view), as event files under `<run dir>/tb` (tensorboardX: the
-    format without TensorFlow or the tensorboard server as a dependency)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, first_epoch: int):
-        self.writer = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            # purge_step: after a resume, TensorBoard hides what an earlier process wrote
-            # for the epochs that are trained again
-            self.writer = SummaryWriter(str(run_dir / RunDir.TENSORBOARD),
-                                        purge_step=first_epoch if first_epoch > 1 else None)
-
-    def epoch(self, row: dict) -> None:
-        if self.writer is None:
-            return
-        for key, value in row.items():
-            if key != "epoch":
-                tag = key.replace("loss_", "loss/").replace("test_", "test/")
-                self.writer.add_scalar(tag.replace("train_", "train/"), value, row["epoch"])
-        self.writer.flush()
-
-    def finish(self, record: RunRecord) -> None:
-        if self.writer is None:
-            return
-        hparams = {"distiller": record.distiller, "pair": record.pair, "seed": record.seed,
-                   "epochs": record.epochs, **{k: v for k, v in record.settings.items()
-                                               if isinstance(v, bool | int | float | str)}}
-        metrics = {f"hparam/{k}": record.objective(k) for k in ("top1", "top1_best", "top5")}
-        self.writer.add_hparams(hparams, metrics, name="hparams")
-        self.close()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+def train_points(cfgs: list, run_dirs: list, mode: str = "auto") -> list:
+    """Train (or resume, or recall) the runs `cfgs` in `run_dirs` as one unit in this
+    process (one rank of a data-parallel unit under torchrun or a multi-task Slurm job);
+    per run its `RunRecord` or the exception that stopped it (ConfigError, RunError, ...:
+    the caller records it as a failure).  Several runs must form one pack (`pack_key`);
+    `mode`: how they step together (auto | loop | vmap, `rld.students.resolve_mode`)."""
+    points = [Point(cfg, Path(d)) for cfg, d in zip(cfgs, run_dirs, strict=True)]
+    firsts: dict[Path, Point] = {}
+    for p in points:  # a run directory named twice (the same run configured twice)
+        firsts.setdefault(p.run_dir.resolve(), p)
+    unique = list(firsts.values())
+    world = find_world()
+    for p in unique:
+        with p.scope():
+            _check(p, world, alone=len(unique) == 1)
+    valid = [p for p in unique if p.open]
+    keys = {pack_key(p.cfg) for p in valid}
+    teachers = {str(p.cfg.teacher.checkpoint) for p in valid if distills(p.cfg)}
+    if len(valid) > 1 and (len(keys) > 1 or len(teachers) > 1):
+        raise ValueError("train_points: the runs differ in more than their distiller, or "
+                         "distil from different teachers (group them with plan_packs)")
+    if valid:
+        if not world.main:
+            log.setLevel(logging.WARNING)
+        t = valid[0].cfg.trainer
+        device, _ = setup_device(t, world)
+        with process_group(world, device, t.dist_timeout_s) as group:
+            _lock_and_train(valid, mode, group)
+    return [firsts[p.run_dir.resolve()].outcome for p in points]
 
 
-# --------------------------------------------------------------------------- one run
+def _check(p: Point, world: World, alone: bool) -> None:
+    """The point's config, checked before any work (the same on every rank)."""
+    try:
+        validate(p.cfg, world)
+        if not alone and pack_key(p.cfg) is None:
+            raise ConfigError(f"distiller={p.cfg.distiller.name} does not pack (it has "
+                              "modules of its own): train it alone")
+    except (ConfigError, RunError) as e:
+        p.outcome = e
+
+
+# --------------------------------------------------------------------------- recall, locks
 def teacher_identity(cfg) -> str | None:
     """SHA-256 of the teacher checkpoint of a distillation run (None: no teacher, or no
     file yet: the run stops later with the remedies)."""
@@ -237,65 +181,6 @@ def teacher_identity(cfg) -> str | None:
         return None
     path = Path(cfg.teacher.checkpoint)
     return file_sha256(path) if path.is_file() else None
-
-
-def run(cfg, run_dir: Path) -> RunRecord:
-    """Train (or resume, or recall) the run of `cfg` in `run_dir`; returns its record.
-    Under torchrun or in a Slurm job of several tasks, this process is one rank of a
-    data-parallel run (`run_parallel`)."""
-    world = find_world()
-    validate(cfg, world)
-    if world.distributed:
-        return run_parallel(cfg, run_dir, world)
-    rd = RunDir(run_dir)
-    fp, done = recall(cfg, rd)
-    if done is not None:
-        return done
-    with ExitStack() as held:
-        hold_lock(rd, held)
-        return train(cfg, RunBook(cfg, rd, fp))
-
-
-def run_parallel(cfg, run_dir: Path, world: World) -> RunRecord:
-    """This process's part of a data-parallel run of `cfg` on `world.size` processes.
-    Rank 0 takes the decisions (recall, run lock) for all ranks and alone logs and writes
-    the run directory; every rank resumes from the same checkpoint and trains its share of
-    each global batch."""
-    if not world.main:
-        log.setLevel(logging.WARNING)
-    device, _ = setup_device(cfg.trainer, world)
-    rd = RunDir(run_dir)
-    with process_group(world, device, cfg.trainer.dist_timeout_s) as group, ExitStack() as held:
-        fp, done = recall(cfg, rd, group)
-        if done is not None:
-            return done
-        hold_lock(rd, held, group)
-        log.info("data-parallel run on %d processes (%s, rank 0 on %s)", world.size,
-                 "nccl" if device.type == "cuda" else "gloo", device)
-        return train(cfg, RunBook(cfg, rd, fp, writes=world.main), group)
-
-
-def recall(cfg, rd: RunDir, group: Group | None = None) -> tuple[dict, RunRecord | None]:
-    """The run's fingerprint (agreed by the ranks of `group`) and, when the run already
-    finished, its record (rank 0 reads it for every rank)."""
-    if group is None:
-        fp = fingerprint(cfg, teacher_identity(cfg))
-        done = rd.recall(fp)
-    else:
-        fp = agreed_fingerprint(cfg, group)
-        done = group.on_main(lambda: rd.recall(fp))
-    if done is not None:
-        log.info("run already finished (%s): %s", done.status, rd.path)
-    return fp, done
-
-
-def hold_lock(rd: RunDir, held: ExitStack, group: Group | None = None) -> None:
-    """Take the run directory's lock into `held` (rank 0's for every rank of `group`);
-    RunError, on every rank, when another process holds it."""
-    if group is None:
-        held.enter_context(run_lock(rd.path))
-    else:
-        group.on_main(lambda: held.enter_context(run_lock(rd.path)))
 
 
 def agreed_fingerprint(cfg, group: Group) -> dict:
@@ -311,246 +196,137 @@ def agreed_fingerprint(cfg, group: Group) -> dict:
     return fingerprint(cfg, group.on_main(lambda: teacher_identity(cfg)))
 
 
-def train(cfg, book: RunBook, group: Group | None = None) -> RunRecord:
-    """Set up, resume (or evaluate the teacher), train the remaining epochs, finish; as one
-    rank of `group`'s data-parallel run when given."""
-    world = group.world if group is not None else None
-    device, dtype = setup_device(cfg.trainer, world)
-    seed_everything(cfg.seed)
-    data = build_data(cfg, device, world)
-    teacher = load_teacher(cfg, data.num_classes, device) if distills(cfg) else None
-    state, scheduler = build_student(cfg, data, teacher, device, dtype)
-    if group is not None:
-        t = cfg.trainer
-        data_parallel(state, group, sync_bn=t.sync_bn, compile=t.compile,
-                      compile_mode=t.compile_mode)
-    found = book.checkpoint_to_resume(device)
-    if group is not None:
-        check_same_start(group, book.dir, found)
-    if found is not None:
-        load_training_state(state, scheduler, found[0])
-        book.restore(*found)
-    elif teacher is not None:
-        book.teacher_top1, _ = evaluate(state, data.test, model=teacher)
-        log.info("teacher %s: test top-1 %.2f%%", cfg.pair.teacher, book.teacher_top1)
-    book.begin(device, dtype, world_size=group.size if group is not None else 1)
+def _lock_and_train(points: list[Point], mode: str, group: Group) -> None:
+    """Recall the finished points, lock the others' run directories and train them (rank 0
+    decides for every rank of `group`)."""
+    with ExitStack() as locks:
+        todo = []
+        for p in points:
+            try:
+                with p.scope():
+                    rd = RunDir(p.run_dir)
+                    p.fp = agreed_fingerprint(p.cfg, group)
+                    p.outcome = group.on_main(lambda rd=rd, fp=p.fp: rd.recall(fp))
+                    if p.outcome is not None:
+                        log.info("run already finished (%s): %s", p.outcome.status, rd.path)
+                if p.open:
+                    group.on_main(lambda rd=rd: locks.enter_context(run_lock(rd.path)))
+                    todo.append(p)
+            except (ConfigError, RunError) as e:
+                p.outcome = e
+        if todo:
+            _train_cut(todo, mode, group)
+
+
+def _train_cut(points: list[Point], mode: str, group: Group) -> None:
+    """Train the unit; when its first step runs out of memory, the two halves one after
+    the other (a unit of one fails with the error).  Any other error stops every point
+    still open with it; in a data-parallel unit, an error that is not the same on every
+    rank (all but the input errors) ends the process."""
     try:
-        status, message = train_epochs(cfg, book, state, scheduler, data)
-        return book.finish(status, message, student_checkpoint(cfg, state, data))
-    finally:
-        book.close()
+        _train(points, mode, group)
+        return
+    except PackTooLarge as e:
+        # only its message is kept: the exception's frames (the failed step's tensors, the
+        # stacked students) are released when this block ends, before the halves train
+        too_large = str(e)
+    except Exception as e:  # noqa: BLE001 - the points fail (recorded by the caller)
+        if group.size > 1 and not isinstance(e, ConfigError | RunError):
+            raise
+        log.error("training stopped: %s: %s", type(e).__name__, e)
+        for p in points:
+            if p.open:
+                p.outcome = e
+        return
+    if group.size > 1:  # one rank's memory: the others wait in a collective
+        raise RuntimeError(f"out of device memory on rank {group.rank} with {len(points)} "
+                           f"point(s) ({too_large}): set hydra.launcher.pack="
+                           f"{max(1, len(points) // 2)} or lower trainer.batch_size")
+    for p in points:
+        p.state = p.scheduler = p.book = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(points) == 1:
+        points[0].outcome = RunError(f"out of device memory ({too_large}); lower "
+                                     "trainer.batch_size")
+        return
+    half = (len(points) + 1) // 2
+    log.warning("a pack of %d points does not fit in device memory: training packs of "
+                "%d and %d (set hydra.launcher.pack=%d to start there)", len(points),
+                half, len(points) - half, half)
+    _train_cut(points[:half], mode, group)
+    _train_cut(points[half:], mode, group)
 
 
-def check_same_start(group: Group, rd: RunDir, found: tuple[dict, Path] | None) -> None:
-    """RunError unless every rank found the same checkpoint (a file system that shows the
-    ranks different files would make them train different models)."""
-    starts = group.gather(None if found is None else (found[1].name, found[0]["epoch"]))
-    if any(s != starts[0] for s in starts):
-        raise RunError(f"the ranks found different checkpoints in {rd.path} ({starts}): is "
-                       "the run directory on a file system that every node sees alike?")
-
-
-def train_epochs(cfg, book: RunBook, state: TrainState, scheduler, data) -> tuple[str, str | None]:
-    """Train the epochs the book has not seen; returns (status, message)."""
-    t = cfg.trainer
-    progress = Progress(t.progress if book.writes else "none", t.log_every_s)
-    for epoch in range(book.start, t.epochs + 1):
-        e0 = time.time()
-        lr = state.optimizer.param_groups[0]["lr"]
-        data.train.set_epoch(epoch)
+# --------------------------------------------------------------------------- set-up
+def _train(points: list[Point], mode: str, group: Group) -> None:
+    """Set up the shared parts and every point (resume or fresh), train, finish."""
+    cfg0 = points[0].cfg
+    t = cfg0.trainer
+    device, dtype = setup_device(t, group.world)
+    mode = "loop" if len(points) == 1 else resolve_mode(
+        mode, device, dtype, sync_bn=group.size > 1 and bool(t.sync_bn))
+    seed_everything(int(cfg0.seed))
+    data = build_data(cfg0, device, group.world)
+    rng_plain, teacher = rng_state(), None
+    distilling = [p for p in points if distills(p.cfg)]
+    if distilling:
         try:
-            stats = train_epoch(state, data.train, epoch, t.epochs, progress)
-        except Diverged as e:
-            log.error("%s: stopping this run", e)
-            return "diverged", str(e)
-        top1, top5 = evaluate(state, data.test)
-        scheduler.step()
-        book.epoch_done({"epoch": epoch, "lr": lr, **stats, "test_top1": top1,
-                         "test_top5": top5, "seconds": time.time() - e0},
-                        training_state_dict(state, scheduler))
-    return "completed", None
+            teacher = load_teacher(distilling[0].cfg, data.num_classes, device)
+        except RunError as e:
+            for p in distilling:
+                p.outcome = e
+    rng_teacher = rng_state()
+    for p in points:
+        if p.open:
+            with p.scope():
+                set_rng_state(rng_teacher if distills(p.cfg) else rng_plain)
+                _setup_point(p, data, teacher, device, dtype, mode, group)
+    live = [p for p in points if p.open]
+    try:
+        _evaluate_teacher(live, teacher, data)
+        for p in live:
+            with p.scope():
+                p.book.begin(device_label(device), dtype, world_size=group.size)
+                if len(live) > 1:
+                    p.book.record.extra["packed"] = {"points": len(live), "mode": mode}
+                    if p.book.writes:
+                        p.book.record.write(p.run_dir)
+        if live:
+            _log_start(live, mode, device, group)
+            _run_epochs(live, data, teacher, mode, group)
+    finally:
+        for p in live:
+            if p.book is not None:
+                p.book.close()
 
 
-# --------------------------------------------------------------------------- the parts
-def setup_device(t, world: World | None = None) -> tuple[torch.device, torch.dtype]:
-    """The device and precision of `trainer` settings, with cuDNN/TF32 set for CUDA; on
-    `world`, this rank's GPU (`rld.distributed.local_device`), made the current one."""
-    device = resolve_device(t.device)
-    if world is not None:
-        device = local_device(device, world)
-    if device.type == "cuda":
-        if device.index is not None:
-            torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not t.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device, resolve_precision(t.precision, device)
+def _log_start(live: list[Point], mode: str, device: torch.device, group: Group) -> None:
+    ranks = f"{group.size} processes ({device.type}, rank 0 on {device})"
+    if len(live) > 1:
+        log.info("pack of %d points (%s) on %s", len(live), mode,
+                 ranks if group.size > 1 else device)
+    elif group.size > 1:
+        log.info("data-parallel run on %s, %s", ranks,
+                 "nccl" if device.type == "cuda" else "gloo")
 
 
-def build_data(cfg, device: torch.device, world: World | None = None):
-    """The run's train/test loaders (`rld.data.Loaders`); on `world`, this rank's share of
-    every global batch."""
+def build_data(cfg, device: torch.device, world: World):
+    """The run's train/test loaders (`rld.data.Loaders`); on a data-parallel `world`, this
+    rank's share of every global batch."""
     t = cfg.trainer
-    rank, size = (world.rank, world.size) if world is not None else (0, 1)
     try:
         # with the batch's sample indices (CRD's memory): a view of the epoch's order, free
         data = build_loaders(cfg.dataset, t.batch_size, device, cfg.seed,
                              drop_last=t.drop_last, test_batch_size=max(t.batch_size, 256),
-                             with_index=True, rank=rank, world_size=size)
+                             with_index=True, rank=world.rank, world_size=world.size)
     except DataError as e:
         raise RunError(str(e)) from None
-    if data.num_train < size:
+    if data.num_train < world.size:
         raise RunError(f"dataset {cfg.dataset.name} has {data.num_train} training samples, "
-                       f"fewer than the {size} ranks of this job")
+                       f"fewer than the {world.size} ranks of this job")
     return data
-
-
-def build_student(cfg, data, teacher, device: torch.device, dtype: torch.dtype):
-    """A fresh student, its distiller, optimiser (`TrainState`) and learning-rate schedule."""
-    t, o = cfg.trainer, cfg.optim
-    student = build_model(trained_arch(cfg), data.num_classes, cfg.dataset.family)
-    distiller = build_distiller(cfg.distiller, student=student, teacher=teacher,
-                                image_size=int(cfg.dataset.image_size),
-                                num_train=data.num_train,
-                                train_labels=getattr(data.train, "labels", None))
-    state = build_train_state(student, teacher, distiller, device=device, dtype=dtype,
-                              channels_last=t.channels_last, compile=t.compile,
-                              compile_mode=t.compile_mode, lr=o.lr, momentum=o.momentum,
-                              weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(state.optimizer, list(o.milestones),
-                                                     gamma=o.gamma)
-    return state, scheduler
-
-
-def training_state_dict(state: TrainState, scheduler) -> dict:
-    """What a checkpoint holds of the training itself (the book adds its own parts); the
-    teacher's state too where training changes it (`Distiller.teacher_train`)."""
-    out = {"model": state.student.state_dict(), "distiller": state.distiller.state_dict(),
-           "optimizer": state.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-           "scaler": state.scaler.state_dict() if state.scaler is not None else None}
-    if state.distiller.teacher_train:
-        out["teacher"] = state.teacher.state_dict()
-    return out
-
-
-def load_training_state(state: TrainState, scheduler, ckpt: dict) -> None:
-    state.student.load_state_dict(ckpt["model"])
-    state.distiller.load_state_dict(ckpt.get("distiller") or {})
-    if ckpt.get("teacher") is not None:
-        state.teacher.load_state_dict(ckpt["teacher"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if state.scaler is not None and ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-
-
-def student_checkpoint(cfg, state: TrainState, data) -> dict:
-    """`student.pt`: the trained model alone, loadable as a teacher."""
-    return {"model": state.student.state_dict(), "arch": trained_arch(cfg),
-            "num_classes": data.num_classes, "family": cfg.dataset.family,
-            "dataset": cfg.dataset.name, "epochs": int(cfg.trainer.epochs)}
-
-
-@dataclass
-class RunBook:
-    """The bookkeeping of one run: its directory, record, history, best accuracy and
-    TensorBoard events (a packed process keeps one per grid point)."""
-
-    cfg: Any
-    dir: RunDir
-    fp: dict
-    t0: float = field(default_factory=time.time)
-    history: list[dict] = field(default_factory=list)
-    best: float = -1.0
-    teacher_top1: float | None = None
-    start: int = 1  # the first epoch to train
-    record: RunRecord | None = None
-    board: TensorBoard | None = None
-    # False: a data-parallel rank other than 0, which keeps the book (history, best) and
-    # writes nothing
-    writes: bool = True
-
-    def restore(self, ckpt: dict, path: Path) -> None:
-        self.history, self.best = ckpt["history"], ckpt["best"]
-        self.teacher_top1 = ckpt["teacher_top1"]
-        self.start = ckpt["epoch"] + 1
-        set_rng_state(ckpt["rng"])
-        self.t0 -= ckpt["wall_s"]
-        log.info("resumed from %s after epoch %d", path.relative_to(self.dir.path),
-                 ckpt["epoch"])
-
-    def checkpoint_to_resume(self, device: torch.device) -> tuple[dict, Path] | None:
-        """The checkpoint to resume from (`RunDir.load_checkpoint`); with
-        trainer.resume=false none, and the directory starts over (`RunDir.start_over`, by
-        the process that writes)."""
-        if self.cfg.trainer.resume:
-            return self.dir.load_checkpoint(self.fp, device)
-        if self.writes:
-            self.dir.start_over()
-        return None
-
-    def begin(self, device: torch.device, dtype: torch.dtype, world_size: int = 1) -> None:
-        """The record (status "running") and the TensorBoard writer."""
-        self.record = RunRecord.from_config(
-            self.cfg, self.fp, teacher_sha256=self.fp.get(TEACHER_KEY),
-            device=device_label(device), precision=str(dtype).removeprefix("torch."),
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            world_size=world_size, versions=versions())
-        if self.writes:
-            self.record.write(self.dir.path)
-        self.board = TensorBoard(self.dir.path, self.cfg.trainer.tensorboard and self.writes,
-                                 self.start)
-
-    def epoch_done(self, row: dict, training: dict) -> None:
-        """Log and store one epoch's row; checkpoint with the `training` state."""
-        self.best = max(self.best, row["test_top1"])
-        self.history.append(row)
-        t = self.cfg.trainer
-        if t.progress != "none":
-            log.info("epoch %d/%d  lr %.4g  loss %.4f  train %.2f%%  test %.2f%% (best %.2f%%)"
-                     "  top5 %.2f%%  %.1fs", row["epoch"], t.epochs, row["lr"], row["loss"],
-                     row["train_top1"], row["test_top1"], self.best, row["test_top5"],
-                     row["seconds"])
-        if not self.writes:
-            return
-        # the events first: a process killed before the checkpoint trains this epoch again,
-        # and the resumed writer purges its events (purge_step), so no epoch is missing
-        self.board.epoch(row)
-        self.dir.write_history(self.history)
-        self.dir.save_checkpoint({
-            **training, "epoch": row["epoch"], "best": self.best, "history": self.history,
-            "teacher_top1": self.teacher_top1, "rng": rng_state(), "fingerprint": self.fp,
-            "wall_s": time.time() - self.t0})
-
-    def finish(self, status: str, message: str | None, student: dict) -> RunRecord:
-        """The final record; `student.pt` (and the teacher file of role=teacher) when the
-        run completed."""
-        rec, cfg = self.record, self.cfg
-        final = self.history[-1] if self.history and status == "completed" else {}
-        rec.status, rec.message = status, message
-        rec.top1, rec.top5 = final.get("test_top1"), final.get("test_top5")
-        rec.top1_best = self.best if final else None
-        rec.epochs_done = len(self.history)
-        rec.wall_s = round(time.time() - self.t0, 3)
-        rec.teacher_top1 = self.teacher_top1
-        if not self.writes:
-            return rec
-        if status == "completed":
-            ckpt = {**student, "top1": rec.top1}
-            io.save_torch(self.dir.path / RunDir.STUDENT, ckpt)
-            if cfg.role == "teacher":
-                io.save_torch(Path(cfg.teacher.checkpoint), ckpt)
-                log.info("teacher checkpoint written to %s", cfg.teacher.checkpoint)
-        rec.write(self.dir.path)
-        self.board.finish(rec)
-        if status == "completed":
-            log.info("done: top-1 %.2f%% (best %.2f%%), top-5 %.2f%%, %s", rec.top1,
-                     rec.top1_best, rec.top5, self.dir.path)
-        return rec
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
 
 
 def load_teacher(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
@@ -576,12 +352,181 @@ def load_teacher(cfg, num_classes: int, device: torch.device) -> torch.nn.Module
     return teacher
 
 
+def build_student(cfg, data, teacher, device: torch.device, dtype: torch.dtype):
+    """A fresh student, its distiller, optimiser (`TrainState`) and learning-rate schedule."""
+    t, o = cfg.trainer, cfg.optim
+    student = build_model(trained_arch(cfg), data.num_classes, cfg.dataset.family)
+    distiller = build_distiller(cfg.distiller, student=student, teacher=teacher,
+                                image_size=int(cfg.dataset.image_size),
+                                num_train=data.num_train,
+                                train_labels=getattr(data.train, "labels", None))
+    state = build_train_state(student, teacher, distiller, device=device, dtype=dtype,
+                              channels_last=t.channels_last, compile=t.compile,
+                              compile_mode=t.compile_mode, lr=o.lr, momentum=o.momentum,
+                              weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(state.optimizer, list(o.milestones),
+                                                     gamma=o.gamma)
+    return state, scheduler
+
+
+def _eager(cfg):
+    """The config with trainer.compile off (vmap mode compiles its batched forward itself)."""
+    return OmegaConf.merge(cfg, {"trainer": {"compile": False}}) if cfg.trainer.compile else cfg
+
+
+def _setup_point(p: Point, data, teacher, device, dtype, mode: str, group: Group) -> None:
+    """The point's student, optimiser and schedule (from the global RNG state its separate
+    run has here), resumed from its checkpoint if any.  In loop mode the student steps as
+    in its separate run (compiled with trainer.compile; a DDP rank in a data-parallel
+    unit)."""
+    try:
+        cfg = p.cfg if mode == "loop" else _eager(p.cfg)
+        p.state, p.scheduler = build_student(cfg, data, teacher if distills(p.cfg) else None,
+                                             device, dtype)
+        p.state.all_reduce = group.all_reduce
+        if group.size > 1 and mode == "loop":
+            t = cfg.trainer
+            data_parallel(p.state, group, sync_bn=t.sync_bn, compile=t.compile,
+                          compile_mode=t.compile_mode)
+        p.book = RunBook(p.cfg, RunDir(p.run_dir), p.fp, writes=group.world.main)
+        found = p.book.checkpoint_to_resume(device)
+        check_same_start(group, p.book.dir, found)
+        if found is not None:
+            load_training_state(p.state, p.scheduler, found[0])
+            p.book.restore(*found)
+        p.rng = rng_state()
+    except (ConfigError, RunError) as e:
+        p.outcome = e
+
+
+def check_same_start(group: Group, rd: RunDir, found: tuple[dict, Path] | None) -> None:
+    """RunError unless every rank found the same checkpoint (a file system that shows the
+    ranks different files would make them train different models)."""
+    starts = group.gather(None if found is None else (found[1].name, found[0]["epoch"]))
+    if any(s != starts[0] for s in starts):
+        raise RunError(f"the ranks found different checkpoints in {rd.path} ({starts}): is "
+                       "the run directory on a file system that every node sees alike?")
+
+
+def load_training_state(state: TrainState, scheduler, ckpt: dict) -> None:
+    state.student.load_state_dict(ckpt["model"])
+    state.distiller.load_state_dict(ckpt.get("distiller") or {})
+    if ckpt.get("teacher") is not None:
+        state.teacher.load_state_dict(ckpt["teacher"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+
+
+def training_state_dict(state: TrainState, scheduler) -> dict:
+    """What a checkpoint holds of the training itself (the book adds its own parts); the
+    teacher's state too where training changes it (`Distiller.teacher_train`)."""
+    out = {"model": state.student.state_dict(), "distiller": state.distiller.state_dict(),
+           "optimizer": state.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+           "scaler": state.scaler.state_dict() if state.scaler is not None else None}
+    if state.distiller.teacher_train:
+        out["teacher"] = state.teacher.state_dict()
+    return out
+
+
+def student_checkpoint(cfg, state: TrainState, data) -> dict:
+    """`student.pt`: the trained model alone, loadable as a teacher."""
+    return {"model": state.student.state_dict(), "arch": trained_arch(cfg),
+            "num_classes": data.num_classes, "family": cfg.dataset.family,
+            "dataset": cfg.dataset.name, "epochs": int(cfg.trainer.epochs)}
+
+
+def _evaluate_teacher(points: list[Point], teacher, data) -> None:
+    """The teacher's test top-1, once, for the fresh distilling points."""
+    fresh = [p for p in points if distills(p.cfg) and p.book.start == 1]
+    if teacher is None or not fresh:
+        return
+    top1, _ = evaluate_model(fresh[0].state, data.test, model=teacher)
+    log.info("teacher %s: test top-1 %.2f%%", fresh[0].cfg.pair.teacher, top1)
+    for p in fresh:
+        p.book.teacher_top1 = top1
+
+
+# --------------------------------------------------------------------------- epochs
+def _teacher_fn(live: list[Point], teacher, t):
+    """The teacher's forward for the unit's steps (its features for distillers on
+    features), compiled with trainer.compile; None without a distilling point."""
+    if teacher is None or not any(distills(p.cfg) for p in live):
+        return None
+    features = any(p.state.distiller.needs_features for p in live)
+    return compiled(teacher.forward_features if features else teacher, t.compile,
+                    str(t.compile_mode))
+
+
+def _run_epochs(live: list[Point], data, teacher, mode: str, group: Group) -> None:
+    """Every point's remaining epochs; at each epoch the points that have reached it train
+    together (lagging points alone first)."""
+    from rld.distributed import loss_scales
+
+    t = live[0].cfg.trainer
+    epochs = int(t.epochs)
+    teacher_fn = _teacher_fn(live, teacher, t)
+    cudagraphs = uses_cudagraphs(t.compile, str(t.compile_mode), live[0].state.device)
+    progress = Progress(t.progress if live[0].book.writes else "none", t.log_every_s)
+    scales = loss_scales(data.train, group.size) if group.size > 1 else None
+    members, students, first = None, None, True
+    for epoch in range(min(p.book.start for p in live), epochs + 1):
+        active = [p for p in live if p.open and p.book.start <= epoch]
+        if not active:
+            continue
+        if active != members:
+            members = active
+            students = build_students([p.state for p in active], mode, bool(t.compile),
+                                      str(t.compile_mode), group)
+        e0 = time.time()
+        lr = active[0].state.optimizer.param_groups[0]["lr"]
+        students.train()
+        students.set_lr(lr)
+        data.train.set_epoch(epoch)
+        alone = active[0] if len(active) == 1 else None
+        if alone is not None:  # a run's own random draws (CRD's negatives) go on from its state
+            set_rng_state(alone.rng)
+        stats = train_epoch(students, data.train, epoch, epochs, progress, teacher_fn=teacher_fn,
+                            scales=scales, cudagraphs=cudagraphs, first=first)
+        if alone is not None:
+            alone.rng = rng_state()
+        first = False
+        students.end_epoch()
+        students.sync()
+        scores = students.evaluate(data.test)
+        for p, stat, (top1, top5) in zip(active, stats, scores, strict=True):
+            with p.scope():
+                _epoch_done(p, stat, epoch, lr, top1, top5, e0, data)
+    for p in live:
+        if p.open:
+            with p.scope():
+                p.outcome = p.book.finish("completed", None,
+                                          student_checkpoint(p.cfg, p.state, data))
+
+
+def _epoch_done(p: Point, stat: dict | str, epoch: int, lr: float, top1: float,
+                top5: float, e0: float, data) -> None:
+    """One point's end of epoch: diverged, or its schedule and its book."""
+    if isinstance(stat, str):
+        log.error("%s: stopping this run", stat)
+        p.outcome = p.book.finish("diverged", stat, student_checkpoint(p.cfg, p.state, data))
+        return
+    with warnings.catch_warnings():  # vmap mode steps the stack, not the point's optimiser
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        p.scheduler.step()
+    set_rng_state(p.rng)  # the checkpoint stores the point's own RNG state
+    p.book.epoch_done({"epoch": epoch, "lr": lr, **stat, "test_top1": top1,
+                       "test_top5": top5, "seconds": time.time() - e0},
+                      training_state_dict(p.state, p.scheduler))
+
+
+# --------------------------------------------------------------------------- failures
 def point_failed(cfg, run_dir: Path, error: BaseException) -> float:
     """A grid point that raised `error`: logged (an input error as its message, anything
-    else with its traceback), recorded by rank 0 (`record_failure`); its objective, NaN."""
+    else with its traceback), recorded by rank 0 (`rld.rundir.record_failure`); its
+    objective, NaN."""
     import traceback
-
-    from rld.validate import ConfigError
 
     if isinstance(error, ConfigError | RunError):
         log.error("this grid point failed: %s", error)
@@ -592,17 +537,3 @@ def point_failed(cfg, run_dir: Path, error: BaseException) -> float:
     if find_world().main:
         record_failure(cfg, run_dir, message)
     return float("nan")
-
-
-def record_failure(cfg, run_dir: Path, message: str) -> None:
-    """A record with status "failed" for a run that raised (tables show it as failed;
-    running the same command again retries it).  A finished run's record is never
-    replaced (the error may be about that very directory)."""
-    try:
-        old = read_record(run_dir)
-    except RecordError:
-        old = None
-    if old is not None and old.settled:
-        return
-    RunRecord.from_config(cfg, fingerprint(cfg), status="failed", message=message,
-                          versions=versions()).write(run_dir)

@@ -2,7 +2,9 @@
 
 Used by the engine (`rld.engine`, which owns run directories, resume and records) and by
 the benchmarks (`rld.bench`).  Nothing here reads a config: `build_train_state` takes plain
-values.  Loss terms and accuracies accumulate on the device and are read once per epoch.
+values.  An epoch steps K >= 1 students together (`rld.students`: one after another, or
+batched); a single run is K = 1.  Loss terms and accuracies accumulate on the device and
+are read once per epoch, for all K points at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rld.distillers import Distiller
+from rld.distillers import Distiller, LossDistiller
 
 # the torch.compile modes (rld.validate.COMPILE_MODES) that replay CUDA graphs
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -29,8 +31,8 @@ def uses_cudagraphs(compile: bool, compile_mode: str, device: torch.device) -> b
     return bool(compile) and compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
 
 
-class Diverged(RuntimeError):
-    """The training loss turned non-finite."""
+class PackTooLarge(RuntimeError):
+    """The first step of a unit's first epoch ran out of device memory."""
 
 
 @dataclass
@@ -51,10 +53,10 @@ class TrainState:
     teacher_forward: Callable[[Tensor], Any] | None
     predict: Callable[[Tensor], Tensor]  # the student's logits, for evaluation
     cudagraphs: bool = False  # compiled callables replay CUDA graphs: mark each step's start
-    # sums a tensor over the processes of a data-parallel run (None: one process)
-    all_reduce: Callable[[Tensor], Tensor] | None = None
-    # one rank of a data-parallel run (rld.distributed.DataParallel: loss_scales(loader),
-    # after_backward(), end_epoch()); None: one process
+    # sums a tensor over the processes of a data-parallel run (one process: the tensor)
+    all_reduce: Callable[[Tensor], Tensor] = lambda t: t  # noqa: E731
+    # one rank of a data-parallel run (rld.distributed.DataParallel: after_backward(),
+    # end_epoch()); None: one process
     parallel: Any = None
 
     def autocast(self):
@@ -70,6 +72,11 @@ class TrainState:
         self.distiller.train(mode)
         if self.teacher is not None:
             self.teacher.train(mode and self.distiller.teacher_train)
+
+
+def compiled(fn: Callable, compile: bool, compile_mode: str = "default") -> Callable:
+    """`fn` compiled in `compile_mode` with static shapes (as is without `compile`)."""
+    return torch.compile(fn, mode=compile_mode, dynamic=False) if compile else fn
 
 
 def build_train_state(student: nn.Module, teacher: nn.Module | None, distiller: Distiller, *,
@@ -99,27 +106,22 @@ def build_train_state(student: nn.Module, teacher: nn.Module | None, distiller: 
     features = distiller.needs_features
 
     def wrap(fn):
-        return torch.compile(fn, mode=compile_mode, dynamic=False) if compile else fn
+        return compiled(fn, compile, compile_mode)
 
     forward = wrap(student.forward_features if features else student)
     predict = wrap(student) if features else forward
     teacher_forward = None
     if teacher is not None:
         teacher_forward = wrap(teacher.forward_features if features else teacher)
-    if compile:  # logit distillers: their loss function; others: their whole `distill`
-        distiller = copy(distiller)
-        if distiller.loss_fn is not None:
+    if compile and distiller.needs_teacher:  # logit distillers: their loss function; others:
+        distiller = copy(distiller)  # their whole `distill`
+        if isinstance(distiller, LossDistiller):
             distiller.loss_fn = wrap(distiller.loss_fn)
         else:
             distiller.distill = wrap(distiller.distill)
     cudagraphs = uses_cudagraphs(compile, compile_mode, device)
     return TrainState(student, teacher, distiller, optimizer, scaler, device, dtype,
                       channels_last, forward, teacher_forward, predict, cudagraphs)
-
-
-def topk_correct(logits: Tensor, target: Tensor, k: int) -> Tensor:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == target.unsqueeze(1)).any(dim=1).sum()
 
 
 def _detached_copy(out: Any) -> Any:
@@ -230,6 +232,18 @@ class Progress:
             self.bar = None
 
 
+def teacher_output(state: TrainState, teacher_fn, x: Tensor, cudagraphs: bool = False):
+    """The teacher's output on the batch (logits, or `Features` for distillers on features),
+    once for all the students of a step, computed as `train_step` computes it (the state's
+    input format and autocast, no graph).  With `cudagraphs`: the step's start marked, and
+    the output copied out of the graphs' pool, which the students' replays may reuse."""
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    with torch.no_grad(), state.autocast():
+        out = teacher_fn(state.inputs(x))
+    return _detached_copy(out) if cudagraphs else out
+
+
 def _batches(loader, index: bool):
     """(x, y, sample indices or None) of each batch."""
     for batch in loader:
@@ -237,69 +251,126 @@ def _batches(loader, index: bool):
         yield x, y, (rest[0] if index and rest else None)
 
 
-def train_epoch(s: TrainState, loader, epoch: int, epochs: int, progress: Progress) -> dict:
-    """One epoch.  Loss terms and accuracy accumulate on the device and are read once at
-    the end (plus the progress bar's reads, a few per second at most); in a data-parallel
-    run they are summed over the processes first, so every process returns the whole
-    epoch's numbers."""
-    s.train()
-    sums, count, names = None, 0, []
-    first_bad = torch.full((), -1.0, device=s.device)
-    scales = s.parallel.loss_scales(loader) if s.parallel is not None else None
+def train_epoch(students, loader, epoch: int, epochs: int, progress: Progress, *,
+                teacher_fn=None, scales: list[float] | None = None, cudagraphs: bool = False,
+                first: bool = False) -> list[dict | str]:
+    """One epoch of the K students of `students` (`rld.students`); per student its stats
+    (mean loss terms `loss_<name>`, `loss`, `train_top1`) over the epoch's samples (summed
+    over the ranks of a data-parallel run), or the message of its first non-finite step.
+
+    teacher_fn: the teacher's forward, run once per batch for all students (None: each
+    student's own `TrainState.teacher_forward`); scales: per step, the loss scale of this
+    rank's share (`rld.distributed.loss_scales`); first: the unit's first epoch (an
+    out-of-memory error at its first step is `PackTooLarge`).  The sums of every student
+    stay in one device tensor, read once at the end (and by the progress bar, a few times a
+    second at most)."""
+    s0 = students.states[0]
+    acc, names, count = None, None, 0  # acc: [StepOut.values, K correct], sums
+    first_bad = torch.full((len(students.states),), -1.0, device=s0.device)
+    index = any(s.distiller.needs_index for s in students.states)
+
+    def mean_loss() -> float:  # each point's total loss follows its terms
+        ends = [sum(len(t) + 1 for t in names[:j + 1]) - 1 for j in range(len(names))]
+        values = acc.tolist()
+        return sum(values[e] for e in ends) / (count * len(names))
+
     progress.start(epoch, epochs, len(loader))
-    for step, (x, y, index) in enumerate(_batches(loader, s.distiller.needs_index)):
-        n = y.shape[0]  # batch sizes are host metadata: no device read
-        if n == 0:  # this rank's empty share of the last global batch (never its first)
-            empty_step(s, x)
-        else:
-            terms, loss, logits = train_step(s, x, y, epoch, index,
-                                             None if scales is None else scales[step])
-            names = list(terms)
-            with torch.no_grad():
-                count += n
-                row = torch.stack([*(t.detach() * n for t in terms.values()),
-                                   loss.detach() * n, (logits.argmax(1) == y).sum().float()])
-                sums = row if sums is None else sums + row
-                bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-                first_bad = torch.where(bad, float(step + 1), first_bad)
-        progress.update(lambda: sums[-2].item() / count)  # noqa: B023 - called at once
+    for step, (x, y, idx) in enumerate(_batches(loader, index)):
+        x = s0.inputs(x)  # the format every student takes, once
+        if y.shape[0] == 0:  # this rank's empty share of the last global batch (never its
+            students.empty_step(x)  # first: the sums exist)
+            progress.update(mean_loss)
+            continue
+        try:
+            out_t = None if teacher_fn is None else teacher_output(s0, teacher_fn, x, cudagraphs)
+            out = students.step(x, y, out_t, epoch, None if scales is None else scales[step],
+                                idx)
+        except torch.OutOfMemoryError as e:
+            if first and step == 0:
+                raise PackTooLarge(str(e).splitlines()[0]) from None
+            raise
+        with torch.no_grad():
+            n = y.shape[0]  # host metadata: no device read
+            count += n
+            names = out.names
+            row = torch.cat([out.values * n, out.correct])
+            acc = row if acc is None else acc + row
+            bad = ~torch.isfinite(out.losses) & (first_bad < 0)
+            first_bad = torch.where(bad, float(step + 1), first_bad)
+        progress.update(mean_loss)
     progress.end()
-    if sums is None:
+    if acc is None:
         raise ValueError("the training loader gave no batch")
-    if s.parallel is not None:
-        s.parallel.end_epoch()
+    return _epoch_stats(acc, names, count, first_bad, epoch, s0.all_reduce)
+
+
+def _epoch_stats(acc: Tensor, names: list[list[str]], count: int, first_bad: Tensor,
+                 epoch: int, all_reduce) -> list[dict | str]:
+    """Per point: its epoch's mean loss terms and train top-1 from the device sums `acc`
+    ([`StepOut.values`, K correct]; summed over the ranks by `all_reduce`), or the message
+    of its first non-finite step; one host read."""
+    k = len(names)
     bad = (first_bad > 0).float()
-    stats = torch.cat([sums.float(), torch.stack([torch.full_like(bad, count), bad,
-                                                  first_bad.clamp(min=0) * bad])])
-    if s.all_reduce is not None:
-        stats = s.all_reduce(stats)
-    *values, n, n_bad, bad_steps = stats.tolist()  # the epoch's one host read
-    if n_bad > 0:  # the first non-finite step (averaged over the processes that saw one)
-        raise Diverged(f"non-finite loss at epoch {epoch}, step {round(bad_steps / n_bad)}")
-    out = {f"loss_{name}": v / n for name, v in zip(names, values)}
-    out["loss"] = values[-2] / n
-    out["train_top1"] = 100.0 * values[-1] / n
+    stats = all_reduce(torch.cat([acc.float(), first_bad.new_full((1,), count), bad,
+                                  first_bad.clamp(min=0) * bad]))
+    values = stats.tolist()
+    width = sum(len(t) + 1 for t in names)  # every point's terms and total loss
+    correct, count = values[width:width + k], values[width + k]
+    n_bad, bad_steps = values[-2 * k:-k], values[-k:]
+    out: list[dict | str] = []
+    start = 0
+    for j in range(k):
+        row = values[start:start + len(names[j]) + 1]
+        start += len(row)
+        if n_bad[j] > 0:  # the first non-finite step (averaged over the ranks that saw one)
+            out.append(f"non-finite loss at epoch {epoch}, step {round(bad_steps[j] / n_bad[j])}")
+            continue
+        stat = {f"loss_{name}": v / count for name, v in zip(names[j], row)}
+        stat["loss"] = row[-1] / count
+        stat["train_top1"] = 100.0 * correct[j] / count
+        out.append(stat)
     return out
 
 
+def topk_counts(logits: Tensor, y: Tensor) -> Tensor:
+    """[K, 2]: each of K models' correct top-1 and top-5 predictions (float) from their
+    logits [K, B, C] on the batch's targets [B]."""
+    target = y.view(1, -1, 1)
+    k5 = min(5, logits.shape[-1])
+    return torch.stack([(logits.topk(k, dim=-1).indices == target).any(-1).sum(-1)
+                        for k in (1, k5)], dim=1).float()
+
+
 @torch.inference_mode()
-def evaluate(s: TrainState, loader, model: nn.Module | None = None) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of `model` (default: the student, through its compiled
-    `predict`) in eval mode over the loader; summed over the processes of a data-parallel
-    run."""
+def evaluate(s: TrainState, loader, predict: Callable[[Tensor], Tensor],
+             k: int = 1) -> list[tuple[float, float]]:
+    """Top-1 and top-5 accuracy (%) of `k` models over the loader: `predict(x)` gives their
+    logits [k, B, C] (models in eval mode; the state's input format and autocast); summed
+    over the processes of a data-parallel run; one host read."""
+    sums, n = None, 0
+    for batch in loader:
+        x, y = s.inputs(batch[0]), batch[1]
+        with s.autocast():
+            row = topk_counts(predict(x), y)
+        sums = row if sums is None else sums + row
+        n += y.shape[0]
+    if sums is None:  # a rank without test samples
+        sums = torch.zeros(k, 2, device=s.device)
+    total = s.all_reduce(torch.cat([sums.reshape(-1), sums.new_full((1,), n)]))
+    *values, n = total.tolist()
+    return [(100.0 * values[2 * k] / n, 100.0 * values[2 * k + 1] / n)
+            for k in range(len(values) // 2)]
+
+
+def evaluate_model(s: TrainState, loader, model: nn.Module | None = None) -> tuple[float, float]:
+    """Top-1 and top-5 (%) of one model in eval mode (default: the student, through its
+    compiled `predict`)."""
     (model or s.student).eval()
     predict = model or s.predict
-    sums, n = torch.zeros(2, device=s.device), 0
-    for batch in loader:
-        x, y = batch[0], batch[1]
-        if s.cudagraphs:
+
+    def one(x: Tensor) -> Tensor:
+        if s.cudagraphs and model is None:
             torch.compiler.cudagraph_mark_step_begin()
-        with s.autocast():
-            logits = predict(s.inputs(x))
-        sums += torch.stack([topk_correct(logits, y, 1), topk_correct(logits, y, 5)]).float()
-        n += y.shape[0]
-    sums = torch.cat([sums, sums.new_full((1,), n)])
-    if s.all_reduce is not None:
-        sums = s.all_reduce(sums)
-    top1, top5, n = sums.tolist()
-    return 100.0 * top1 / n, 100.0 * top5 / n
+        return predict(x).unsqueeze(0)
+
+    return evaluate(s, loader, one)[0]

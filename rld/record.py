@@ -3,9 +3,9 @@ engine (to recall a finished run), the tables and the Optuna sweeper.
 
 The engine writes the record when a run starts (status "running", with everything the
 config decides) and rewrites it when the run ends.  A key is added to what runs record by
-adding a field here (or a distiller setting to `rld.config.DistillerConfig`, whose keys the
-record copies whole).  On disk the distiller's settings sit at the top level beside the other
-fields (`"beta": 8.0`), as they always have; keys this version does not know are kept.
+adding a field here; a distiller's settings are those it registered (`rld.distillers`).  On
+disk the distiller's settings sit at the top level beside the other fields (`"beta": 8.0`),
+as they always have; keys this version does not know are kept.
 """
 
 from __future__ import annotations
@@ -16,18 +16,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rld.config import DistillerConfig, distills, trained_arch
+from rld.config import distiller_spec, trained_arch
+from rld.errors import ConfigError, RecordError
 
 RECORD = "metrics.json"
 STATUSES = ("running", "completed", "diverged", "failed")
 # a run in one of these states is finished: recalled, never trained again
 SETTLED = ("completed", "diverged")
-# every setting a distiller may have (the schema's keys), in the schema's order
-SETTING_KEYS = tuple(f.name for f in fields(DistillerConfig) if f.name != "name")
-
-
-class RecordError(ValueError):
-    """A record that cannot be read (truncated, not JSON, not an object)."""
 
 
 def _finite_or_none(x: Any) -> float | None:
@@ -42,7 +37,7 @@ class RunRecord:
     role: str
     student: str  # the architecture trained (the teacher's own with role=teacher)
     distiller: str
-    settings: dict[str, Any]  # every key of SETTING_KEYS, resolved
+    settings: dict[str, Any]  # the distiller's settings, resolved
     seed: int
     epochs: int  # configured (trainer.epochs)
     teacher: str | None = None  # the teacher's architecture, for distillation runs
@@ -62,17 +57,24 @@ class RunRecord:
     cuda_visible_devices: str | None = None
     world_size: int = 1
     versions: dict[str, Any] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)  # the config's plugins (rld.registry)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys read from disk
 
     @classmethod
     def from_config(cls, cfg, fingerprint: dict | None = None, **outcome: Any) -> RunRecord:
         """The record of a composed TrainConfig before it runs (status "running")."""
         d = cfg.distiller
+        try:
+            spec = distiller_spec(cfg)
+        except ConfigError:  # the record of a run that failed for that reason
+            spec = None
+        names = spec.setting_names() if spec else [k for k in d if k != "name"]
         return cls(
             dataset=str(cfg.dataset.name), pair=str(cfg.pair.name), role=str(cfg.role),
             student=trained_arch(cfg),
-            teacher=str(cfg.pair.teacher) if distills(cfg) else None, distiller=str(d.name),
-            settings={k: d.get(k) for k in SETTING_KEYS}, seed=int(cfg.seed),
+            teacher=str(cfg.pair.teacher) if spec is None or spec.needs_teacher else None,
+            distiller=str(d.name), settings={k: d.get(k) for k in names}, seed=int(cfg.seed),
+            plugins=[str(m) for m in cfg.get("plugins") or ()],
             epochs=int(cfg.trainer.epochs), fingerprint=dict(fingerprint or {}), **outcome)
 
     @property
@@ -91,8 +93,10 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        from rld.distillers import setting_keys
+
         data = dict(data)
-        settings = {k: data.pop(k) for k in SETTING_KEYS if k in data}
+        settings = {k: data.pop(k) for k in setting_keys() if k in data}
         known = {f.name for f in fields(cls)} - {"settings", "extra"}
         values = {k: data.pop(k) for k in list(data) if k in known}
         for k in ("dataset", "pair", "role", "student", "distiller"):

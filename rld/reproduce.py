@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from rld.config import NOT_IN_FINGERPRINT, key_in, unread_settings
+from rld.config import NOT_IN_FINGERPRINT, key_in
 
 TEACHER_KEY = "teacher.sha256"  # the fingerprint's entry for the teacher's identity
 
@@ -33,13 +33,11 @@ def flatten(cfg) -> dict:
 
 
 def fingerprint(cfg, teacher_sha256: str | None = None) -> dict:
-    """The keys that decide a run's result, flattened (`optim.lr`, ...), without those of
-    `NOT_IN_FINGERPRINT` and the distiller settings its distiller does not read
-    (`DISTILLER_SETTINGS`), plus the teacher's identity (the SHA-256 of its checkpoint) for
-    distillation runs."""
+    """The keys that decide a run's result, flattened (`optim.lr`, ...; the distiller's
+    node holds its own settings only), without those of `NOT_IN_FINGERPRINT`, plus the
+    teacher's identity (the SHA-256 of its checkpoint) for distillation runs."""
     flat = flatten(cfg)
-    unread = unread_settings(flat.get("distiller.name"))
-    out = {k: v for k, v in flat.items() if not key_in(k, NOT_IN_FINGERPRINT + unread)}
+    out = {k: v for k, v in flat.items() if not key_in(k, NOT_IN_FINGERPRINT)}
     if teacher_sha256 is not None:
         out[TEACHER_KEY] = teacher_sha256
     return out

@@ -34,14 +34,14 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from rld import engine  # heavy imports after Hydra has parsed the command line
-    from rld.validate import ConfigError
+    from rld.errors import ConfigError, RunError
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         record = engine.run(cfg, run_dir)
-    except (ConfigError, engine.RunError) as e:
+    except (ConfigError, RunError) as e:
         if not multirun:
             print(f"rld.train: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -55,7 +55,22 @@ def main(cfg: DictConfig) -> float:
     return record.objective(cfg.objective)
 
 
+def load_command_line_plugins(argv: list[str]) -> None:
+    """Import the modules of `plugins=[...]` before Hydra composes the config, and register
+    the config schemas they add; a plugin that does not import is one line, exit 2."""
+    from rld.errors import ConfigError
+    from rld.registry import load_plugins, plugins_from_argv
+
+    try:
+        load_plugins(plugins_from_argv(argv))
+    except ConfigError as e:
+        print(f"rld.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    register_configs()
+
+
 if __name__ == "__main__":
+    load_command_line_plugins(sys.argv[1:])
     sys.argv += rank_overrides(sys.argv[1:])
     main()
     from rld.distributed import close_process_group

@@ -65,7 +65,7 @@ def _submitit_world() -> World:
 def world_problem(cfg, world: World) -> tuple[str, Any, str] | None:
     """(key, value, what is allowed) of the first trainer setting this world cannot run; None
     when it can (rld.validate turns it into a ConfigError; a distiller's own limits:
-    `rld.feature_distillers.data_parallel_problem`)."""
+    `rld.distillers.DistillerSpec.single_process`)."""
     if not world.distributed:
         return None
     t, w = cfg.trainer, world.size

@@ -177,5 +177,5 @@ def test_errors_are_short(trained, tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.pt" in err and len(err.splitlines()) == 1
     assert analyze.main([*base, str(ckpt), "--arch", "nonet"]) == 2
-    assert "unknown cifar model 'nonet'" in capsys.readouterr().err
+    assert "model='nonet' is not a registered cifar model" in capsys.readouterr().err
     assert not Path(out).exists()

@@ -18,7 +18,7 @@ import torch
 from rld.bench.common import distiller_config
 from rld.config import TrainerConfig
 from rld.distillers import build_distiller
-from rld.loop import build_train_state, evaluate, train_step
+from rld.loop import build_train_state, evaluate_model, train_step
 from rld.validate import COMPILE_MODES, ConfigError, validate
 
 RLD = distiller_config("rld", warmup=5)
@@ -115,7 +115,7 @@ def test_cuda_graph_steps_are_marked(monkeypatch):
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     _, _, logits = train_step(s, x, y, 1)
     assert len(marks) == 1 and not logits.requires_grad  # a copy, safe to keep
-    evaluate(s, [(x, y), (x, y)])
+    evaluate_model(s, [(x, y), (x, y)])
     assert len(marks) == 3  # and one per evaluation batch
 
 

@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rld.config import register_configs, run_name
-from rld.validate import ConfigError, validate
+from rld.distillers import DISTILLERS as REGISTRY
+from rld.errors import ConfigError
+from rld.validate import validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
@@ -100,10 +102,13 @@ def test_run_directory_names_the_point():
 
     HydraConfig.instance().set_config(cfg)
     assert cfg.hydra.run.dir == "R/sweeps/main/synthetic/tiny/rld/beta=2,tau=4,trainer.epochs=3/seed=0"
-    assert run_name("teacher", "vanilla", 8, 4, ["role=teacher"]) == "teacher/default"
-    assert run_name("student", "kd", 8, 2.5, ["distiller.tau=2.5"]) == "kd/tau=2.5"
-    assert run_name("student", "rld", 0.5, 1, ["dataset.root=/a/b", "distiller.alpha=2"]) == \
-        "rld/beta=0.5,tau=1,alpha=2"
+    assert run_name("teacher", {"name": "vanilla"}, ["role=teacher"]) == "teacher/default"
+    assert run_name("student", {"name": "kd", "tau": 2.5}, ["distiller.tau=2.5"]) == "kd/tau=2.5"
+    assert run_name("student", {"name": "rld", "beta": 0.5, "tau": 1.0},
+                    ["dataset.root=/a/b", "distiller.alpha=2"]) == "rld/beta=0.5,tau=1,alpha=2"
+    # the point keys are the registered distiller's, whatever they are
+    assert run_name("student", {"name": "fitnet", "hint_layer": 3},
+                    ["distiller.hint_layer=3"]) == "fitnet/hint_layer=3"
 
 
 def test_sweep_presets_cover_the_paper_grids():
@@ -131,3 +136,48 @@ def test_bad_values_name_the_key(override, key):
 def test_teacher_role_requires_vanilla():
     with pytest.raises(ConfigError, match="distiller=vanilla"):
         validate(_compose("role=teacher", "distiller=rld"))
+
+
+def test_every_registered_distiller_has_a_config_file_and_back():
+    files = sorted(p.stem for p in (CONF / "distiller").glob("*.yaml"))
+    assert files == sorted(REGISTRY.names())
+
+
+def test_a_distillers_keys_are_its_settings_alone():
+    """Each distiller's node holds its registered settings (typed, with their defaults)
+    and no other: a key of another distiller is refused at composition, a typo too, and
+    one added with `+` by the validation, with the closest settings named."""
+    kd = _compose("distiller=kd").distiller
+    assert sorted(kd) == sorted(["name", *REGISTRY.get("kd").setting_names()])
+    with pytest.raises(Exception, match="beta"):
+        _compose("distiller=kd", "distiller.beta=2")
+    with pytest.raises(Exception, match="bta"):
+        _compose("distiller.bta=2")
+    with pytest.raises(ConfigError) as e:
+        validate(_compose("+distiller.bta=2"))
+    assert str(e.value).startswith("distiller.bta is not a setting of rld (did you mean "
+                                   "distiller.beta")
+    assert "its settings: warmup, ce_weight, kd_weight, alpha, beta" in str(e.value)
+    with pytest.raises(Exception, match="abc"):
+        _compose("distiller.beta=abc")
+
+
+def test_unknown_top_level_and_nested_keys_are_refused_with_the_closest():
+    with pytest.raises(ConfigError, match=r"sed is not a key.*did you mean seed"):
+        validate(_compose("+sed=1"))
+    with pytest.raises(ConfigError, match=r"trainer.epoch is not a key.*trainer.epochs"):
+        validate(_compose("+trainer.epoch=1"))
+    validate(_compose("+pair.loss_defaults.rld.beta=3"))  # dict-typed nodes are open
+
+
+def test_an_unregistered_distiller_or_dataset_is_one_line_with_the_registered_names():
+    cfg = _compose()
+    cfg.distiller.name = "rlx"
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value).startswith("distiller='rlx' is not a registered distiller (did you "
+                                   "mean rld?); use one of")
+    cfg = _compose()
+    cfg.dataset.name = "cifar10"
+    with pytest.raises(ValueError, match=r"dataset='cifar10' is not a registered data set"):
+        validate(cfg)

@@ -403,7 +403,7 @@ def test_synthetic_has_class_structure() -> None:
 
 
 def test_bad_dataset_settings() -> None:
-    with pytest.raises(DataError, match="unknown data set"):
+    with pytest.raises(DataError, match="dataset='mnist' is not a registered data set"):
         load_dataset(DatasetConfig(name="mnist"))
     with pytest.raises(DataError, match="train_size"):
         load_dataset(_synthetic(train_size=0))

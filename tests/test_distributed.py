@@ -217,7 +217,8 @@ def test_world_from_torchrun_variables_or_a_single_process():
     (["trainer.batch_size=7"], "trainer.batch_size=7"),
 ])
 def test_what_a_data_parallel_run_refuses(overrides, key):
-    from rld.validate import ConfigError, validate
+    from rld.errors import ConfigError
+    from rld.validate import validate
 
     cfg = _compose(*overrides)
     validate(cfg, World(0, 1))  # one process takes them (CUDA is checked later)
@@ -228,8 +229,8 @@ def test_what_a_data_parallel_run_refuses(overrides, key):
 def test_pack_mode_under_sync_bn_is_the_loop():
     """Batch norm synchronised over ranks cannot run under vmap: auto picks the loop there,
     vmap asked for is refused with the key to change."""
-    from rld.packed.students import resolve_mode
-    from rld.validate import ConfigError
+    from rld.errors import ConfigError
+    from rld.students import resolve_mode
 
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     assert resolve_mode("auto", cuda, bf16) == "vmap"
@@ -254,12 +255,11 @@ def test_loss_scales_make_the_ranks_mean_the_global_mean():
     on the rank that holds it (rank 0's share is empty)."""
     from types import SimpleNamespace
 
-    from rld.distributed import DataParallel
+    from rld.distributed import loss_scales
 
     for rank, last in ((0, 0.0), (1, 2.0)):
         loader = SimpleNamespace(plan=BatchPlan(193, 64, rank=rank, world_size=2))
-        dp = DataParallel(SimpleNamespace(size=2), [], [])
-        assert dp.loss_scales(loader) == [1.0, 1.0, 1.0, last]
+        assert loss_scales(loader, 2) == [1.0, 1.0, 1.0, last]
 
 
 @pytest.fixture
@@ -302,11 +302,11 @@ def test_cpu_sync_batchnorm_is_batchnorm_over_the_group(gloo_group):
 
 
 def test_a_rank_other_than_0_writes_nothing(tmp_path):
-    from rld.engine import RunBook, RunDir
+    from rld.rundir import RunBook, RunDir
 
     cfg = _compose("distiller=vanilla", "trainer.epochs=1")
     book = RunBook(cfg, RunDir(tmp_path / "run"), {"k": 1}, writes=False)
-    book.begin(torch.device("cpu"), torch.float32, world_size=2)
+    book.begin("cpu", torch.float32, world_size=2)
     book.epoch_done({"epoch": 1, "lr": 0.1, "loss": 1.0, "train_top1": 50.0,
                      "test_top1": 40.0, "test_top5": 90.0, "seconds": 1.0}, {})
     rec = book.finish("completed", None, {"model": {}})

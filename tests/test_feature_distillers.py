@@ -1,4 +1,4 @@
-"""Feature distillers (rld.feature_distillers): construction from the models' features, the
+"""Feature distillers (rld.distillers.feature): construction from the models' features, the
 reference releases' extra-parameter counts, gradients, CRD's memory and sampling, resume
 exactness, the fast path (bf16 autocast, torch.compile without graph breaks), the per-pair
 configs and the checks of a pair."""
@@ -17,15 +17,10 @@ from omegaconf import OmegaConf
 
 from rld.config import register_configs
 from rld.distillers import build_distiller
-from rld.feature_distillers import (
-    FEATURE_DISTILLERS,
-    ContrastMemory,
-    ConvRegressor,
-    check_feature_pair,
-    pair_problem,
-)
+from rld.distillers.feature import OFD, ContrastMemory, ConvRegressor, FitNet, ReviewKD
+from rld.errors import ConfigError
 from rld.models import build_model
-from rld.validate import ConfigError
+from rld.validate import validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
@@ -37,6 +32,7 @@ CFGS = {
     "reviewkd": dict(student_preact=False),
     "crd": dict(feat_dim=16, nce_k=20, nce_t=0.07, nce_momentum=0.5, nce_replace=False),
 }
+FEATURE_DISTILLERS = tuple(CFGS)
 NUM_TRAIN, NUM_CLASSES = 60, 10
 LABELS = torch.arange(NUM_TRAIN) % NUM_CLASSES
 
@@ -328,14 +324,20 @@ def test_pair_problems_name_the_key():
     shapes = lambda maps, pooled=8: {"feats": maps, "preact_feats": maps, "pooled": pooled}  # noqa: E731
     small, big = shapes([(8, 8, 8), (8, 4, 4)]), shapes([(8, 32, 32), (8, 32, 32), (8, 16, 16)])
     fit = SimpleNamespace(hint_layer=1)
-    assert "no regressor" in pair_problem("fitnet", fit, small, big, None)
-    assert "hint_layer=1" in pair_problem("fitnet", fit, small, big, None)
+    assert "no regressor" in FitNet.pair_problem(fit, small, big, None)
+    assert "hint_layer=1" in FitNet.pair_problem(fit, small, big, None)
     review = SimpleNamespace(student_preact=False)
     deep = shapes([(8, 32, 32)] * 4)  # stem + 3 stages: fuses 3 student maps, small has 2
-    assert "ReviewKD fuses" in pair_problem("reviewkd", review, small, deep, None)
-    assert pair_problem("reviewkd", review, small, big, None) is None
-    assert "margins" in pair_problem("ofd", None, big, big, [8, 4])
-    assert pair_problem("ofd", None, big, big, [8, 8]) is None
+    assert "ReviewKD fuses" in ReviewKD.pair_problem(review, small, deep, None)
+    assert ReviewKD.pair_problem(review, small, big, None) is None
+
+    def teacher(*channels):
+        bns = [torch.nn.BatchNorm2d(c) for c in channels]
+        return SimpleNamespace(bn_before_relu=lambda: bns)
+
+    assert "margins" in OFD.pair_problem(None, big, big, teacher(8, 4))
+    assert OFD.pair_problem(None, big, big, teacher(8, 8)) is None
+    assert "no BN before" in OFD.pair_problem(None, big, big, SimpleNamespace())
 
 
 # --------------------------------------------------------------------------- configs
@@ -364,7 +366,7 @@ def test_per_pair_settings_of_the_reference_releases(hydra_conf, pair, distiller
     cfg = hydra_conf(f"dataset={dataset}", f"pair={pair}", f"distiller={distiller}")
     d = OmegaConf.to_container(cfg.distiller, resolve=True)
     assert {k: d[k] for k in want} == want
-    check_feature_pair(cfg)
+    validate(cfg)
 
 
 def test_settings_can_be_swept_from_the_command_line(hydra_conf):
@@ -381,7 +383,7 @@ def test_settings_can_be_swept_from_the_command_line(hydra_conf):
     (("distiller=crd", "distiller.nce_t=0"), "distiller.nce_t=0.0 is not allowed: must be > 0"),
     (("distiller=crd", "distiller.nce_momentum=1"), "distiller.nce_momentum=1.0"),
 ])
-def test_check_feature_pair_rejects_what_cannot_run(hydra_conf, overrides, message):
+def test_validation_rejects_what_cannot_run(hydra_conf, overrides, message):
     with pytest.raises(ConfigError) as e:
-        check_feature_pair(hydra_conf(*overrides))
+        validate(hydra_conf(*overrides))
     assert message in str(e.value) and "\n" not in str(e.value)

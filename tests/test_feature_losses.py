@@ -1,4 +1,4 @@
-"""Feature losses (rld.feature_losses) against values written from their definitions: hand-
+"""Feature losses (rld.distillers.feature_losses) against values written from their definitions: hand-
 computed numbers and direct float64 numpy formulas, independent of the implementation."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rld.feature_losses import (
+from rld.distillers.feature_losses import (
     fitnet_loss,
     hcl_loss,
     nce_loss,

@@ -1,5 +1,5 @@
-"""The inner loop (rld.loop): epoch statistics, divergence, the data-parallel reduction hook
-and the progress bar."""
+"""The inner loop (rld.loop): epoch statistics of K students, divergence per student, the
+data-parallel reduction hook and the progress bar."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from rld.bench.common import distiller_config
 from rld.distillers import build_distiller
-from rld.loop import Diverged, Progress, build_train_state, evaluate, train_epoch
+from rld.loop import Progress, build_train_state, evaluate_model, train_epoch
+from rld.students import LoopStudents
 
 
 def _state(name: str = "kd", lr: float = 0.05):
@@ -49,18 +50,28 @@ def test_epoch_statistics_are_sample_weighted_means():
         sums["loss"] += loss.item() * len(y)
         sums["correct"] += (logits.argmax(1) == y).sum().item()
         n += len(y)
-    out = train_epoch(s, batches, 1, 1, Progress("none", 1.0))
+    (out,) = train_epoch(LoopStudents([s]), batches, 1, 1, Progress("none", 1.0))
     assert out["loss_ce"] == pytest.approx(sums["ce"] / n, rel=1e-6)
     assert out["loss_kd"] == pytest.approx(sums["kd"] / n, rel=1e-6)
     assert out["loss"] == pytest.approx(sums["loss"] / n, rel=1e-6)
     assert out["train_top1"] == pytest.approx(100 * sums["correct"] / n)
 
 
-def test_divergence_names_the_first_bad_step():
-    s = _state(lr=1e30)
-    with pytest.raises(Diverged, match=r"non-finite loss at epoch 3, step [23]"):
-        for _ in range(3):
-            train_epoch(s, _Loader(_batches(4)), 3, 3, Progress("none", 1.0))
+def test_two_students_equal_two_separate_epochs_and_diverge_alone():
+    """K = 2 students in one epoch: each one's stats equal its own epoch's exactly; a student
+    whose loss turns non-finite gets the message of its first bad step, the other its
+    stats."""
+    alone = [train_epoch(LoopStudents([_state(name)]), _Loader(_batches()), 1, 1,
+                         Progress("none", 1.0))[0] for name in ("kd", "rld")]
+    both = train_epoch(LoopStudents([_state("kd"), _state("rld")]), _Loader(_batches()), 1, 1,
+                       Progress("none", 1.0))
+    assert both == alone
+    out = None
+    for _ in range(3):  # the huge lr overflows within a few steps
+        out = train_epoch(LoopStudents([_state("kd"), _state(lr=1e30)]), _Loader(_batches(4)),
+                          3, 3, Progress("none", 1.0))
+    assert isinstance(out[0], dict)
+    assert out[1].startswith("non-finite loss at epoch 3, step ")
 
 
 def test_all_reduce_hook_sums_the_statistics_of_the_processes():
@@ -73,10 +84,10 @@ def test_all_reduce_hook_sums_the_statistics_of_the_processes():
 
     s1, s2 = _state(), _state()
     s2.all_reduce = twice
-    a = train_epoch(s1, _Loader(_batches()), 1, 1, Progress("none", 1.0))
-    b = train_epoch(s2, _Loader(_batches()), 1, 1, Progress("none", 1.0))
+    (a,) = train_epoch(LoopStudents([s1]), _Loader(_batches()), 1, 1, Progress("none", 1.0))
+    (b,) = train_epoch(LoopStudents([s2]), _Loader(_batches()), 1, 1, Progress("none", 1.0))
     assert a == pytest.approx(b) and len(calls) == 1  # one reduction per epoch
-    assert evaluate(s1, _batches()) == evaluate(s2, _batches())
+    assert evaluate_model(s1, _batches()) == evaluate_model(s2, _batches())
     assert len(calls) == 2
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rld.losses import dkd_loss, kd_loss, mcd_loss, rld_loss, scd_loss, standardize_logits
+from rld.distillers.losses import (
+    dkd_loss,
+    kd_loss,
+    mcd_loss,
+    rld_loss,
+    scd_loss,
+    standardize_logits,
+)
 
 
 def _kl(p, q):

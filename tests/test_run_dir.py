@@ -117,7 +117,7 @@ def test_damaged_checkpoints_and_record(teacher_root):
 def test_failed_record_is_replaced_but_a_finished_one_never(teacher_root, tmp_path):
     from omegaconf import OmegaConf
 
-    from rld.engine import record_failure
+    from rld.rundir import record_failure
 
     saved = OmegaConf.load(_run_dir(teacher_root, "tb") / ".hydra/config.yaml")
     target = tmp_path / "run"

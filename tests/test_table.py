@@ -18,11 +18,16 @@ import yaml
 
 import rld.table.runs as table_runs
 from rld import table
-from rld.config import DISTILLER_SETTINGS, POINT_KEYS, DistillerConfig
-from rld.record import RECORD, SETTING_KEYS, RunRecord
+from rld.distillers import DISTILLERS, setting_keys
+from rld.record import RECORD, RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillerConfig) if f.name != "name"}
+# every setting a record of this project's first versions held, whatever its distiller (the
+# tables read only those of the run's distiller)
+DEFAULTS = dict(alpha=1.0, beta=8.0, tau=4.0, scd_tau="${distiller.tau}", warmup=20,
+                ce_weight=1.0, kd_weight=1.0, standardize=False, hint_layer=2,
+                student_preact=False, feat_dim=128, nce_k=16384, nce_t=0.07,
+                nce_momentum=0.5, nce_replace=False)
 
 
 def write_config(d: Path, *, dataset: str, pair: str, teacher: str, student: str, role: str,
@@ -77,7 +82,7 @@ def write_run(
 ) -> Path:
     """A run directory as the engine leaves it: .hydra/config.yaml and, unless
     ``record=False`` (an older version, or killed before the engine wrote it), its record.
-    `settings` are DistillerConfig keys (scd_tau follows tau unless given)."""
+    `settings` are distiller settings (scd_tau follows tau unless given)."""
     d = root / rel
     write_config(d, dataset=dataset, pair=pair, teacher=teacher, student=student, role=role,
                  distiller=distiller, seed=seed, epochs=epochs, **settings)  # fmt: skip
@@ -93,7 +98,7 @@ def write_run(
             dataset=dataset, pair=pair, role=role,
             student=teacher if role == "teacher" else student,
             teacher=None if distiller == "vanilla" else teacher, distiller=distiller,
-            settings={k: resolved[k] for k in SETTING_KEYS}, seed=seed,
+            settings={k: resolved[k] for k in DEFAULTS}, seed=seed,
             epochs=epochs or 240, status=status,
             top1=(t1b - 0.3 if t1b is not None else None) if top1 is None else top1,
             top1_best=t1b, top5=90.0 if done else None, epochs_done=(epochs or 240) if done else 1,
@@ -198,12 +203,12 @@ def test_collect_runs_statuses_duplicates_and_paths(tree: Path):
     assert by_path["sweeps/a/cifar100/vgg13_vgg8/vanilla/seed=0"].epochs == 240
     teach = by_path["sweeps/a/cifar100/vgg13_vgg8/teacher/seed=0"]
     assert teach.arch == "vgg13" and teach.role == "teacher" and teach.unit == ("teacher", "vgg13")
-    # KD's point holds only what KD reads (rld.config.DISTILLER_SETTINGS), not beta
+    # KD's point holds only KD's own settings (those it registered), not beta
     kd = by_path["sweeps/a/cifar100/vgg13_vgg8/kd/tau=2/seed=0"]
-    assert [k for k, _ in kd.point] == sorted(DISTILLER_SETTINGS["kd"])
+    assert [k for k, _ in kd.point] == sorted(DISTILLERS.get("kd").setting_names())
     df = table.runs_frame(runs)
-    assert list(df.columns) == list(table.RUN_COLUMNS) and len(df) == 24
-    assert set(SETTING_KEYS) <= set(table.RUN_COLUMNS)  # a new setting is a new column
+    assert list(df.columns) == list(table.run_columns()) and len(df) == 24
+    assert set(setting_keys()) <= set(table.run_columns())  # a new setting is a new column
 
 
 def test_table_numbers(tree: Path):
@@ -534,8 +539,9 @@ def test_literature_merges_both_files():
 def test_feature_methods_columns_and_two_setting_grid(tmp_path: Path, monkeypatch):
     """Feature distillers get columns (in a fixed order, then others by name) with the
     literature's values; CRD's grid over kd_weight x nce_t, one per nce_momentum."""
-    # a grid's axes: the distiller's POINT_KEYS that vary, then the other varying settings
-    monkeypatch.setitem(POINT_KEYS, "crd", ("kd_weight", "nce_t"))
+    # a grid's axes: the distiller's point keys that vary, then the other varying settings
+    crd = dataclasses.replace(DISTILLERS.get("crd"), point=("kd_weight", "nce_t"))
+    monkeypatch.setitem(DISTILLERS._entries, "crd", crd)
     s = tmp_path / "sweeps"
     p = dict(pair="resnet32x4_resnet8x4", teacher="resnet32x4", student="resnet8x4")
     i = 0
@@ -552,7 +558,7 @@ def test_feature_methods_columns_and_two_setting_grid(tmp_path: Path, monkeypatc
     assert t.methods == ["teacher", "student", "kd", "dkd", "rld", "fitnet", "crd", "zeta"]
     c = _row(t, "resnet32x4_resnet8x4").cells
     assert c["fitnet"].ours() == "73.00 (n=1)" and c["fitnet"].paper_text() == "73.50 (Δ -0.50)"
-    # beta varies too, but CRD does not read it (rld.config.DISTILLER_SETTINGS)
+    # beta varies too, but it is not a setting of CRD
     assert c["crd"].ours() == "70.80 (n=1) @ kd_weight=0.8, nce_t=0.1, nce_momentum=0.9"
     assert c["crd"].paper == 75.51 and math.isnan(c["zeta"].paper)
     header = [h.strip() for h in table.table_markdown(t).splitlines()[4].strip("|").split("|")]

@@ -176,29 +176,20 @@ def pin_process(pool: SlotPool) -> str | None:
     return device
 
 
-def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: Any,
-                task_function: Any, singleton_state: dict) -> Any:
-    """Run job number `idx` of a sweep in this process, through Hydra's public core API (the
-    calls every launcher makes): its config (`_packed.sweep_config`), then `run_job`."""
+def run_pinned_unit(pool: SlotPool, unit: Sequence[Any], hydra_context: Any, config: Any,
+                    task_function: Any, singleton_state: dict, pack_mode: str) -> list[Any]:
+    """A joblib task: pin this worker, then run one unit of work (`_jobs.run_unit`)."""
     from hydra.core.singleton import Singleton
-    from hydra.core.utils import run_job, setup_globals
 
-    from . import _packed
+    from . import _jobs
 
-    setup_globals()
-    Singleton.set_state(singleton_state)
-    cfg = _packed.sweep_config(hydra_context, config, idx, overrides, gpus_job_id)
-    return run_job(hydra_context=hydra_context, task_function=task_function, config=cfg,
-                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-
-
-def run_pinned(pool: SlotPool, idx: int, overrides: Sequence[str], hydra_context: Any,
-               config: Any, task_function: Any, singleton_state: dict) -> Any:
-    """A joblib task: pin this worker, then run the Hydra job."""
     device = pin_process(pool)
     if device is not None:
-        log.info("job #%d: CUDA_VISIBLE_DEVICES=%s (worker %d)", idx, device, os.getpid())
-    return execute_job(idx, overrides, hydra_context, config, task_function, singleton_state)
+        log.info("job(s) #%s: CUDA_VISIBLE_DEVICES=%s (worker %d)",
+                 ",".join(str(idx) for idx, _ in unit), device, os.getpid())
+    Singleton.set_state(singleton_state)
+    return _jobs.run_unit(hydra_context, config, task_function, list(unit), pack_mode,
+                          job_id=gpus_job_id)
 
 
 def joblib_kwargs(settings: dict[str, Any], n_jobs: int) -> dict[str, Any]:
@@ -215,93 +206,36 @@ def joblib_kwargs(settings: dict[str, Any], n_jobs: int) -> dict[str, Any]:
     return out
 
 
-def start_sweep(config: Any, log_config: bool = True) -> Path:
-    """What a launcher does before its first job: Hydra's globals, its logging, the sweep
-    directory (returned)."""
-    from hydra.core.utils import configure_log, setup_globals
-
-    setup_globals()
-    if log_config:
-        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    return sweep_dir
-
-
-def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
-           initial_job_idx: int) -> Sequence[Any]:
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import JobReturn, filter_overrides
-    from joblib import Parallel, delayed
-
-    assert launcher.config is not None and launcher.hydra_context is not None
-    sweep_dir = start_sweep(launcher.config)
-
-    pool = launcher.pool()
-    n_jobs = launcher.workers
-    joblib_cfg = joblib_kwargs(launcher.joblib, n_jobs)
-    where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} job(s) per GPU"
-             if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per job")
-    log.info("gpus launcher: %d job(s), %d at a time on %s; sweep dir %s",
-             len(job_overrides), n_jobs, where, sweep_dir)
-    for idx, overrides in enumerate(job_overrides):
-        log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
-
-    singleton_state = Singleton.get_state()
-    runs = Parallel(**joblib_cfg)(
-        delayed(run_pinned)(pool, initial_job_idx + idx, overrides, launcher.hydra_context,
-                            launcher.config, launcher.task_function, singleton_state)
-        for idx, overrides in enumerate(job_overrides))
-    assert isinstance(runs, list) and all(isinstance(r, JobReturn) for r in runs)
-    return runs
-
-
 def gpus_job_id(idx: int, config: Any) -> str:
     """The job id this launcher gives job `idx` (hydra's joblib launcher's)."""
     return f"{config.hydra.job.name}_{idx}"
 
 
-def run_pinned_pack(pool: SlotPool, unit: Sequence[Any], hydra_context: Any, config: Any,
-                    task_function: Any, singleton_state: dict, pack_mode: str) -> list[Any]:
-    """A joblib task: pin this worker, then train one pack (`_packed.run_unit`)."""
-    from hydra.core.singleton import Singleton
-
-    from . import _packed
-
-    device = pin_process(pool)
-    if device is not None:
-        log.info("pack of %d job(s) #%s: CUDA_VISIBLE_DEVICES=%s (worker %d)", len(unit),
-                 ",".join(str(idx) for idx, _ in unit), device, os.getpid())
-    Singleton.set_state(singleton_state)
-    return _packed.run_unit(hydra_context, config, task_function, list(unit), pack_mode,
-                            job_id=gpus_job_id)
-
-
-def launch_packed(launcher: Any, job_overrides: Sequence[Sequence[str]],
-                  initial_job_idx: int) -> list[Any]:
-    """`pack` set: the batch's packs (`_packed.plan`), one per worker at a time."""
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> list[Any]:
+    """The batch's units of work (one job each, or packs of `pack` jobs), one per worker
+    at a time, each worker pinned to its GPU slot."""
     from hydra.core.singleton import Singleton
     from joblib import Parallel, delayed
 
-    from . import _packed
+    from . import _jobs
 
     config = launcher.config
-    start_sweep(config)
+    _jobs.start_sweep(config)
     pool = launcher.pool()
     n_jobs = launcher.workers
-    units = _packed.plan(launcher.hydra_context, config, job_overrides, initial_job_idx,
-                         launcher.pack)
-    where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} pack(s) per GPU"
-             if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per pack")
-    _packed.log_plan(units, f"{n_jobs} at a time on {where}")
+    todo = _jobs.units(launcher.hydra_context, config, job_overrides, initial_job_idx,
+                       launcher.pack)
+    what = "job(s)" if launcher.pack is None else "pack(s)"
+    where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} {what} per GPU"
+             if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per unit")
+    _jobs.log_plan(todo, f"{n_jobs} at a time on {where}")
     state = Singleton.get_state()
-    results = Parallel(**joblib_kwargs(launcher.joblib, n_jobs))(
-        delayed(run_pinned_pack)(pool, unit, launcher.hydra_context, config,
+    returns = Parallel(**joblib_kwargs(launcher.joblib, n_jobs))(
+        delayed(run_pinned_unit)(pool, unit, launcher.hydra_context, config,
                                  launcher.task_function, state, launcher.pack_mode)
-        for unit in units)
-    returns = {idx: ret for unit, rets in zip(units, results, strict=True)
-               for (idx, _), ret in zip(unit, rets, strict=True)}
-    return [returns[initial_job_idx + i] for i in range(len(job_overrides))]
+        for unit in todo)
+    return _jobs.in_job_order(todo, returns, initial_job_idx, len(job_overrides))
 
 
 # ------------------------------------------------------------------ submitit's local executor

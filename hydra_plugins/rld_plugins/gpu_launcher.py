@@ -31,7 +31,7 @@ class GpuLauncher(Launcher):
         sweeps started side by side also never share a GPU.
     cpu_threads: CPU-only: torch threads per job (None: CPUs // n_jobs).
     pack: each worker trains up to `pack` jobs that differ only in their distiller together
-        (`_packed.py`); None: one job at a time per worker.
+        (a unit of work, `_jobs.py`); None: one job at a time per worker.
     pack_mode: how a pack's students step together: auto | loop | vmap.
     Other keyword arguments go to joblib.Parallel (verbose, timeout, pre_dispatch, ...).
     """
@@ -108,6 +108,4 @@ class GpuLauncher(Launcher):
                initial_job_idx: int) -> Sequence[JobReturn]:
         from . import _gpus
 
-        if self.pack is not None:
-            return _gpus.launch_packed(self, job_overrides, initial_job_idx)
         return _gpus.launch(self, job_overrides, initial_job_idx)

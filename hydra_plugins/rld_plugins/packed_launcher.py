@@ -2,7 +2,7 @@
 together, one pack per process, packs one after another (like Hydra's basic launcher).
 
 Config: conf/hydra/launcher/packed.yaml.  The work is done in `_packed.py` (imported lazily)
-and `rld.packed`.
+and `rld.engine` / `rld.packing`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def check_pack(pack, mode: str) -> int | None:
                              or int(pack) < 1):
         raise ValueError(f"hydra.launcher.pack={pack!r} is not allowed: an integer >= 1, "
                          "or null")
-    from rld.packed.students import MODES
+    from rld.students import MODES
 
     if mode not in MODES:
         raise ValueError(f"hydra.launcher.pack_mode={mode!r} is not allowed: use "

@@ -21,7 +21,7 @@ launchers with a few adjustments for rld's recipes.
   resumes from the run's checkpoint, as a one-task job does.
 * `pack: N` (`slurm`; `+hydra.launcher.pack=N` for `submitit_local`, whose schema is
   hydra-submitit-launcher's): one submitit job per pack of at most N jobs that differ only
-  in their distiller, trained together (`_packed.py`, `rld.packed`); a requeued pack
+  in their distiller, trained together (`_packed.py`, `rld.packing`); a requeued pack
   resumes each of its points from its own checkpoint.  `pack_mode`: auto | loop | vmap.
 """
 

@@ -62,16 +62,16 @@ def synthetic_cifar(images: int, seed: int = 0, num_classes: int = 100):
         mean=CIFAR_MEAN, std=CIFAR_STD, train_size=images, test_size=1, data_seed=seed))
 
 
-def distiller_config(name: str, **settings: Any) -> SimpleNamespace:
-    """The config of distiller `name` with the schema's defaults (`rld.config.DistillerConfig`),
-    no warm-up (a benchmark times a step at full weight), scd_tau = tau, and `settings`."""
-    from dataclasses import asdict
+def distiller_config(name: str, **settings: Any) -> dict:
+    """The config of distiller `name`: its registered defaults (`rld.distillers`; plain
+    values, so scd_tau follows tau), no warm-up (a benchmark times a step at full weight),
+    and `settings`."""
+    from rld.distillers import DISTILLERS
 
-    from rld.config import DistillerConfig
-
-    cfg = {**asdict(DistillerConfig()), "name": name, "warmup": 0, **settings}
-    cfg["scd_tau"] = settings.get("scd_tau", cfg["tau"])
-    return SimpleNamespace(**cfg)
+    spec = DISTILLERS.get(name)
+    defaults = {k: v for k, v in spec.defaults.items() if not str(v).startswith("${")}
+    warmup = {"warmup": 0} if "warmup" in spec.setting_names() else {}
+    return {"name": name, **defaults, **warmup, **settings}
 
 
 def cifar_pil_transform(mean=CIFAR_MEAN, std=CIFAR_STD):

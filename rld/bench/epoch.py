@@ -78,6 +78,7 @@ def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, fl
     from rld.bench.step import compiled_graphs
     from rld.data import DeviceLoader
     from rld.loop import Progress, train_epoch, train_step
+    from rld.students import LoopStudents
 
     loader = DeviceLoader(
         ds.train_images,
@@ -103,7 +104,7 @@ def _fast_epoch(step, ds, batch_size: int, device, warm: int) -> tuple[float, fl
     warm_s = time.perf_counter() - t0
     graphs = compiled_graphs()
     t0 = time.perf_counter()
-    train_epoch(step, loader, 2, 2, Progress("none", 1.0))  # ends with its one host read
+    train_epoch(LoopStudents([step]), loader, 2, 2, Progress("none", 1.0))  # one host read
     return time.perf_counter() - t0, warm_s, compiled_graphs() - graphs
 
 

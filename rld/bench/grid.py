@@ -7,7 +7,7 @@ synthetic CIFAR-sized images held on the device, in one process on one device:
 - sequential: today's fast path, each point's run by itself: its own pass over the batches
   and its own teacher forward per batch (`rld.loop.train_step`), point after point;
 - packed: one pass over the batches, one teacher forward per batch, the K students stepped
-  together (`rld.packed`: `loop` one after another, `vmap` as one batched model).
+  together (`rld.students`: `loop` one after another, `vmap` as one batched model).
 
 Each path runs untimed warm-up steps first (compilation, with --compile); then the paths are
 timed in turn, `--repeats` times, and the median of each is reported.  Prints seconds per N
@@ -106,7 +106,7 @@ class Paths:
 
     def packed(self, students, teacher_fn, s0, cudagraphs: bool) -> None:
 
-        from rld.packed import teacher_output
+        from rld.loop import teacher_output
 
         for x, y in self.loader:
             x = s0.inputs(x)
@@ -140,7 +140,7 @@ def measure(args, device, dtype) -> tuple[dict, dict, float, int]:
     from rld.data import DeviceLoader
     from rld.loop import CUDAGRAPH_MODES
     from rld.models import build_model
-    from rld.packed import build_students, resolve_mode
+    from rld.students import build_students, resolve_mode
 
     cuda = device.type == "cuda"
     steps = args.steps or (50 if cuda else 2)
@@ -166,7 +166,7 @@ def measure(args, device, dtype) -> tuple[dict, dict, float, int]:
     teacher_fn = seq[0].teacher_forward  # compiled with --compile, else the module
     cudagraphs = args.compile and args.compile_mode in CUDAGRAPH_MODES and cuda
     runs = {"sequential": lambda: paths.sequential(seq)}
-    for mode in modes:  # compiled as the packed trainer compiles (rld.packed.trainer)
+    for mode in modes:  # compiled as the engine compiles a pack (rld.engine)
         states = build_states(pair, teacher, points, device, dtype,
                               args.compile and mode == "loop", args.compile_mode)
         students = build_students(states, mode, args.compile, args.compile_mode)
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
 
     from rld.bench.common import device_name, save_rows
     from rld.engine import resolve_device, resolve_precision
-    from rld.packed import resolve_mode
+    from rld.students import resolve_mode
 
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)

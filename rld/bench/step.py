@@ -83,14 +83,15 @@ class Pair:
 
 def measured_top1(runs_csv: str, pair: str) -> dict[str, float]:
     """Per distiller, the best mean top1_best over its points (its settings as grouped by
-    `rld.config.DISTILLER_SETTINGS`) of this pair's finished student runs in runs.csv, as
+    its registered settings, `rld.distillers`) of this pair's finished student runs in
+    runs.csv, as
     `make table` counts them (`rld.table.summary.build_group`): no run marked as a duplicate
     of another, and only the runs of the epoch count most of them have (ties: the larger)."""
     if not runs_csv or not Path(runs_csv).exists():
         return {}
     import pandas as pd
 
-    from rld.config import DISTILLER_SETTINGS
+    from rld.distillers import DISTILLERS
 
     df = pd.read_csv(runs_csv)
     df = df[(df["pair"] == pair) & (df["role"] == "student") & (df["status"] == "completed")]
@@ -102,7 +103,8 @@ def measured_top1(runs_csv: str, pair: str) -> dict[str, float]:
             counts = runs["epochs"].value_counts()
             modal = max(counts.index, key=lambda e: (counts[e], e))
             runs = runs[runs["epochs"] == modal]
-        keys = [k for k in DISTILLER_SETTINGS.get(name, ()) if k in runs.columns]
+        settings = DISTILLERS.get(name).setting_names() if name in DISTILLERS else ()
+        keys = [k for k in settings if k in runs.columns]
         means = runs.groupby(keys, dropna=False)["top1_best"].mean() if keys else \
             runs["top1_best"]
         out[str(name)] = float(means.max() if keys else means.mean())

@@ -1,6 +1,7 @@
 """Data sets and loaders.
 
-    load_dataset(cfg) -> DataSet          CIFAR-sized sets in memory (cifar100, synthetic, digits)
+    DATASETS, register_dataset             the registry of data sets (rld.data.sources)
+    load_dataset(cfg) -> DataSet          a data set held in memory (cifar100, synthetic, digits)
     build_loaders(cfg, batch_size, device, seed, drop_last=False) -> Loaders
     build_loaders(..., *, rank=0, world_size=1, with_index=False, decoder=None)
     DeviceLoader(images_uint8, labels, batch_size, *, train, mean, std, device, seed, ...)
@@ -20,16 +21,19 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from rld.data.errors import DataError
+from rld.errors import DataError
 
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs
     from rld.data.augment import crop_flip, mix_seed
     from rld.data.device_loader import DeviceLoader
     from rld.data.loaders import Loaders, build_loaders, resolve_device
     from rld.data.sharding import BatchPlan
-    from rld.data.sources import DataSet, load_dataset
+    from rld.data.sources import DATASETS, DataSet, DatasetSpec, load_dataset, register_dataset
 
 _LAZY = {
+    "DATASETS": "rld.data.sources",
+    "DatasetSpec": "rld.data.sources",
+    "register_dataset": "rld.data.sources",
     "DataSet": "rld.data.sources",
     "load_dataset": "rld.data.sources",
     "DeviceLoader": "rld.data.device_loader",
@@ -42,7 +46,10 @@ _LAZY = {
 }
 
 __all__ = [
+    "DATASETS",
     "BatchPlan",
+    "DatasetSpec",
+    "register_dataset",
     "DataError",
     "DataSet",
     "DeviceLoader",

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Sampler
 
 from rld.data.augment import mix_seed
-from rld.data.errors import DataError
 from rld.data.sharding import BatchPlan, PlannedLoader
+from rld.errors import DataError
 
 _ORDER_STREAM = 0x0DE7
 _AUGMENT_STREAM = 0xA06

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rld.data.errors import DataError
 from rld.data.folder import FolderLoader, image_folder
+from rld.data.sources import register_dataset
+from rld.errors import DataError
 
 DECODERS = ("auto", "pil", "device")
 
@@ -148,6 +149,7 @@ def _folders(cfg: Any) -> tuple[Any, Any]:
     return train_set, test_set
 
 
+@register_dataset("imagenet", loaders=True)
 def build_imagenet_loaders(cfg: Any, batch_size: int, test_batch_size: int, *,
                            decoder: str | None = None, **shard: Any) -> tuple[Any, Any, list[str]]:
     """(train, test, class names) of the folders under ``cfg.root`` (called by

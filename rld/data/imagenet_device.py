@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from rld.data.augment import norm_constants, normalize_uint8
-from rld.data.errors import DataError
 from rld.data.folder import FolderLoader
+from rld.errors import DataError
 
 # columns of a batch's int64 table, one row per sample
 KIND, SIZE, HEIGHT, WIDTH, TOP, LEFT, CROP_H, CROP_W, FLIP, LABEL, INDEX = range(11)

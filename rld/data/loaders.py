@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 from rld.data.device_loader import DeviceLoader
-from rld.data.errors import DataError
 from rld.data.sharding import check_sharding
-from rld.data.sources import ALL_DATASETS, load_dataset
+from rld.data.sources import DATASETS, load_dataset
 
 
 @dataclass
@@ -52,12 +51,14 @@ def build_loaders(
     with_index: bool = False,
     decoder: str | None = None,
 ) -> Loaders:
-    """Loaders of the data set `cfg` names (a DatasetConfig or a DictConfig with its keys).
+    """Loaders of the data set `cfg` names (a DatasetConfig or a DictConfig with its keys;
+    `rld.data.DATASETS`).
 
-    CIFAR-sized sets (cifar100, synthetic, digits): `DeviceLoader`s holding each split on the
-    device.  imagenet: ImageFolder(root/train, root/val) through the input path `decoder`
-    selects (auto | pil | device; None: ``cfg.decoder`` if set, else auto), cfg.workers
-    workers.  The test loader uses `test_batch_size` (default: `batch_size`).
+    Data sets held in memory (cifar100, synthetic, digits, ...): `DeviceLoader`s holding each
+    split on the device.  Data sets with loaders of their own: theirs, e.g. imagenet
+    (ImageFolder(root/train, root/val) through the input path `decoder` selects: auto | pil
+    | device; None: ``cfg.decoder`` if set, else auto; cfg.workers workers).  The test loader
+    uses `test_batch_size` (default: `batch_size`).
 
     Batch sizes are global: rank `rank` of `world_size` data-parallel ranks gets its share
     of each batch (`rld.data.sharding`; training needs batch_size % world_size == 0).
@@ -66,16 +67,12 @@ def build_loaders(
     check_sharding(batch_size, rank, world_size)  # before any data is read
     shard = dict(rank=rank, world_size=world_size, with_index=with_index)
     dev = resolve_device(device)
-    name = str(cfg.name)
-    if name == "imagenet":
-        from rld.data.imagenet import build_imagenet_loaders
-
-        train, test, names = build_imagenet_loaders(
+    spec = DATASETS.get(str(cfg.name))
+    if spec.loaders is not None:
+        train, test, names = spec.loaders(
             cfg, batch_size, test_batch_size or batch_size, decoder=decoder, device=dev,
             seed=seed, drop_last=drop_last, **shard)
         return Loaders(train, test, len(names), names)
-    if name not in ALL_DATASETS:
-        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(ALL_DATASETS)}")
     ds = load_dataset(cfg)
     common = dict(mean=ds.mean, std=ds.std, device=dev, seed=seed, **shard)
     train = DeviceLoader(

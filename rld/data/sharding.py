@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from rld.data.errors import DataError
+from rld.errors import DataError
 
 
 def check_rank(rank: int, world_size: int) -> None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,8 @@ from typing import Any
 import torch
 
 from rld.data.augment import mix_seed
-from rld.data.errors import DataError
-
-CIFAR_SIZED = ("cifar100", "synthetic", "digits")
-ALL_DATASETS = (*CIFAR_SIZED, "imagenet")
+from rld.errors import DataError
+from rld.registry import Registry
 
 CIFAR100_FOLDER = "cifar-100-python"
 CIFAR100_FILES = ("train", "test", "meta")
@@ -42,31 +41,60 @@ class DataSet:
     test_labels: torch.Tensor
     num_classes: int
     class_names: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] = ()  # set by `load_dataset` from the config
+    std: tuple[float, ...] = ()
 
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
 
 
+# --------------------------------------------------------------------------- the registry
+@dataclass(frozen=True, eq=False)
+class DatasetSpec:
+    """A registered data set: in memory (`load(cfg) -> DataSet`, batches served on the
+    device by `DeviceLoader`) or with loaders of its own (`loaders(cfg, batch_size,
+    test_batch_size, **shard) -> (train, test, class names)`, as `rld.data.build_loaders`
+    documents); `settings`: a `rld.config.DatasetConfig` subclass adding its own keys
+    (None: the common schema)."""
+
+    name: str
+    load: Callable[[Any], DataSet] | None = None
+    loaders: Callable[..., tuple[Any, Any, list[str]]] | None = None
+    settings: type | None = None
+
+    @property
+    def origin(self) -> Any:
+        return self.load or self.loaders
+
+
+DATASETS: Registry[DatasetSpec] = Registry(
+    "data set", "dataset", ("rld.data.sources", "rld.data.imagenet"), error=DataError)
+
+
+def register_dataset(name: str, *, loaders: bool = False, settings: type | None = None):
+    """Declare data set `name` (`dataset=<name>`; exported as `rld.register_dataset`) on a
+    function: `load(cfg) -> DataSet` (uint8 images held in memory, the CIFAR-sized path), or
+    with `loaders=True` a function that builds its own train/test loaders.  `settings`: its
+    config schema, a subclass of `rld.config.DatasetConfig` (for keys of its own)."""
+    def decorate(fn: Callable) -> Callable:
+        DATASETS.add(name, DatasetSpec(name, None if loaders else fn, fn if loaders else None,
+                                       settings))
+        return fn
+    return decorate
+
+
 def load_dataset(cfg: Any) -> DataSet:
-    """Load the CIFAR-sized data set that `cfg` (a DatasetConfig or DictConfig) names."""
+    """Load the in-memory data set that `cfg` (a DatasetConfig or DictConfig) names."""
     name = str(cfg.name)
-    if name == "imagenet":
-        raise DataError("imagenet is not held in memory; use rld.data.build_loaders for it")
-    if name not in CIFAR_SIZED:
-        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(ALL_DATASETS)}")
+    spec = DATASETS.get(name)
+    if spec.load is None:
+        raise DataError(f"{name} is not held in memory; use rld.data.build_loaders for it")
     mean = tuple(float(v) for v in cfg.mean)
     std = tuple(float(v) for v in cfg.std)
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise DataError(f"dataset.mean/std must be 3 numbers (std > 0), got {mean} / {std}")
-    if name == "cifar100":
-        ds = _load_cifar100(cfg)
-    elif name == "synthetic":
-        ds = _make_synthetic(cfg)
-    else:
-        ds = _load_digits(cfg)
+    ds = spec.load(cfg)
     ds.mean, ds.std = mean, std
     want = int(cfg.num_classes)
     if want != ds.num_classes:
@@ -134,6 +162,7 @@ def download_cifar100(root: Path) -> None:
         raise DataError(f"could not download CIFAR-100 into {root}: {type(e).__name__}: {e}") from e
 
 
+@register_dataset("cifar100")
 def _load_cifar100(cfg: Any) -> DataSet:
     root = Path(str(cfg.root)).expanduser()
     if int(cfg.image_size) != 32:
@@ -154,7 +183,7 @@ def _load_cifar100(cfg: Any) -> DataSet:
     names = [_as_str(v) for v in meta["fine_label_names"]]
     train_x, train_y = _cifar_split(base / "train", len(names))
     test_x, test_y = _cifar_split(base / "test", len(names))
-    return DataSet(train_x, train_y, test_x, test_y, len(names), names, (), ())
+    return DataSet(train_x, train_y, test_x, test_y, len(names), names)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -219,6 +248,7 @@ def _synthetic_split(
     return images, labels
 
 
+@register_dataset("synthetic")
 def _make_synthetic(cfg: Any) -> DataSet:
     k, size = int(cfg.num_classes), int(cfg.image_size)
     n_train, n_test, seed = int(cfg.train_size), int(cfg.test_size), int(cfg.data_seed)
@@ -235,7 +265,7 @@ def _make_synthetic(cfg: Any) -> DataSet:
     train_x, train_y = _synthetic_split(banks, k, n_train, mix_seed(seed, 1))
     test_x, test_y = _synthetic_split(banks, k, n_test, mix_seed(seed, 2))
     names = [f"class_{i:02d}" for i in range(k)]
-    return DataSet(train_x, train_y, test_x, test_y, k, names, (), ())
+    return DataSet(train_x, train_y, test_x, test_y, k, names)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -261,6 +291,7 @@ def digits_split(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
+@register_dataset("digits")
 def _load_digits(cfg: Any) -> DataSet:
     import numpy as np
     from sklearn.datasets import load_digits
@@ -286,6 +317,4 @@ def _load_digits(cfg: Any) -> DataSet:
         y[te].contiguous(),
         len(names),
         names,
-        (),
-        (),
     )

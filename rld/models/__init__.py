@@ -14,7 +14,10 @@ from functools import partial
 
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint
+from rld.errors import CheckpointError, ConfigError
+from rld.registry import load_entry_points, unknown_name
+
+from .checkpoint import load_checkpoint
 from .features import Features, feature_shapes
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import MobileNetV2
@@ -25,7 +28,8 @@ from .vgg import vgg
 from .wrn import WideResNet
 
 __all__ = [
-    "MODELS", "CheckpointError", "Features", "build_model", "feature_shapes", "load_checkpoint",
+    "MODELS", "CheckpointError", "ConfigError", "Features", "build_model", "feature_shapes",
+    "load_checkpoint", "model_names", "register_model",
 ]
 
 _NARROW, _WIDE = (16, 16, 32, 64), (32, 64, 128, 256)
@@ -52,11 +56,33 @@ MODELS: dict[str, dict[str, Callable[[int], nn.Module]]] = {
 }
 
 
+def register_model(name: str, family: str = "cifar"):
+    """Declare model `name` of `family` (exported as `rld.register_model`) on a factory
+    `fn(num_classes) -> nn.Module` whose `forward(x)` gives the logits.  Feature distillers
+    also need `forward_features(x) -> Features` (and OFD `bn_before_relu()`); a model without
+    them trains alone or with logit distillers.  A family is a kind of input: `cifar`
+    (3x32x32), `imagenet` (3x224x224), or a new one (a data set says its `family`)."""
+    def decorate(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        models = MODELS.setdefault(family, {})
+        old = models.get(name)
+        if old is not None and getattr(old, "__qualname__", None) != fn.__qualname__:
+            raise ValueError(f"a {family} model named {name!r} is registered already")
+        models[name] = fn
+        return fn
+    return decorate
+
+
+def model_names(family: str) -> list[str]:
+    """The registered models of `family` (plugins' entry points included); ConfigError for
+    an unknown family."""
+    load_entry_points()
+    if family not in MODELS:
+        raise unknown_name("dataset.family", family, MODELS, "a registered model family")
+    return sorted(MODELS[family])
+
+
 def build_model(name: str, num_classes: int, family: str = "cifar") -> nn.Module:
     """Build ``name`` of ``family`` ("cifar": 3x32x32 inputs, "imagenet": 3x224x224)."""
-    if family not in MODELS:
-        raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(MODELS)}")
-    if name not in MODELS[family]:
-        raise ValueError(
-            f"unknown {family} model {name!r}; allowed: {', '.join(sorted(MODELS[family]))}")
+    if name not in model_names(family):
+        raise unknown_name("model", name, MODELS[family], f"a registered {family} model")
     return MODELS[family][name](num_classes)

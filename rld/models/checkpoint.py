@@ -6,12 +6,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rld.errors import CheckpointError
+
 STATE_DICT_ENTRIES = ("model", "state_dict")
 _SHOWN = 5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
 def _reason(exc: BaseException, limit: int = 160) -> str:

@@ -11,6 +11,15 @@ Every model has, beside ``forward(x) -> logits``:
   margins), aligned with the *last* entries of ``feats`` (OFD aligns its lists from the end).
 
 Which tensors the lists hold is documented per architecture in each model module.
+
+Why `forward` is not `forward_features(x).logits`: the two run the same aten operations in
+the same order (checked on every zoo model, train and eval mode; the exceptions are
+ShuffleV2, whose `forward_features` adds one concatenation per stage for its pre-activation
+features, and MobileNetV1, whose ReLUs there are out of place to keep them) and give
+bit-identical logits (tests/test_features.py), so neither is faster; but `forward` calls each
+stage as a module, so forward hooks on `layer1`, ... fire (feature extractors, CAM, the zoo's
+structural tests rely on them), which `forward_features` cannot do while it takes the last
+block's pre-activation from inside the stage.
 """
 
 from typing import NamedTuple

@@ -10,16 +10,16 @@ under ``--out`` (default ``results/``):
 - ``runs.csv``: one row per run directory, finished or not;
 - ``<dataset>.md|.csv|.tex``: one row per teacher/student pair with the teacher, the
   student trained alone, and the best point of each distiller (KD, DKD, RLD always; any
-  other distiller with runs, e.g. FitNet, OFD, ReviewKD, CRD), beside the values reported
-  in the literature (``rld/data/paper_results*.csv``);
+  other registered distiller with runs, e.g. FitNet, OFD, ReviewKD, CRD, or a plugin's),
+  beside the values reported in the literature (``rld/data/paper_results*.csv``);
 - ``<dataset>/<pair>_<distiller>[_<variant>]_grid.md|.png``: for every distiller run at
   more than one point, its grid over the settings that vary (two: rows x columns, e.g.
   beta x tau; one: a single row; more: one grid per value of the others).
 
 Rules (footnotes of each table count what they affect):
 
-- Runs are grouped by data set, pair, distiller and the settings the distiller reads
-  (``rld.config.DISTILLER_SETTINGS``; the others are ignored); a vanilla run (role
+- Runs are grouped by data set, pair, distiller and the distiller's settings (those it
+  registered, ``rld.distillers``; the others are ignored); a vanilla run (role
   teacher, or role student with distiller vanilla) is grouped by the architecture it
   trains, so the same teacher trained under two pair names is one group.
 - Within a group, runs of different ``trainer.epochs`` are never averaged together: the
@@ -56,7 +56,6 @@ from .render import (
 )
 from .runs import (
     PROBLEMS,
-    RUN_COLUMNS,
     SKIP_DIRS,
     STATUSES,
     Run,
@@ -65,16 +64,15 @@ from .runs import (
     mark_duplicates,
     read_run,
     read_saved_config,
+    run_columns,
     runs_frame,
 )
 from .summary import (
-    METHOD_LABEL,
-    METHOD_ORDER,
     METRIC_TEXT,
     METRICS,
     NA,
     SYMBOL,
-    TABLE_DISTILLERS,
+    UNIT_LABEL,
     Cell,
     DatasetTable,
     Grid,
@@ -89,14 +87,16 @@ from .summary import (
     fmt_value,
     load_literature,
     method_label,
+    point_keys,
 )
 
 __all__ = [
-    "METHOD_LABEL", "METHOD_ORDER", "METRICS", "METRIC_TEXT", "NA", "PROBLEMS", "RUN_COLUMNS",
-    "SKIP_DIRS", "STATUSES", "SYMBOL", "TABLE_DISTILLERS", "Cell", "DatasetTable", "Grid",
+    "METRICS", "METRIC_TEXT", "NA", "PROBLEMS",
+    "SKIP_DIRS", "STATUSES", "SYMBOL", "UNIT_LABEL", "Cell", "DatasetTable", "Grid",
     "Group", "PaperRow", "PointStats", "Row", "Run", "build_groups", "build_tables",
     "cell_text", "collect_runs", "find_run_dirs", "fmt_point", "fmt_stats", "fmt_value",
     "grid_markdown", "grid_name", "grid_png", "load_literature", "mark_duplicates",
-    "md_table", "method_label", "read_run", "read_saved_config", "runs_csv", "runs_frame",
+    "md_table", "method_label", "point_keys", "read_run", "read_saved_config", "run_columns",
+    "runs_csv", "runs_frame",
     "table_csv", "table_latex", "table_markdown", "tex_escape", "write_outputs",
 ]  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rld.io import write_text
 
-from .runs import RUN_COLUMNS, Run
+from .runs import Run, run_columns
 from .summary import (
     METRIC_TEXT,
     SYMBOL,
@@ -282,9 +282,10 @@ def _csv_value(v) -> object:
 def runs_csv(runs: list[Run]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RUN_COLUMNS)
+    columns = run_columns()
+    w.writerow(columns)
     for r in runs:
-        w.writerow([_csv_value(r.column(c)) for c in RUN_COLUMNS])
+        w.writerow([_csv_value(r.column(c)) for c in columns])
     return buf.getvalue()
 
 

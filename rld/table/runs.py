@@ -9,37 +9,40 @@ with a record never needs its config.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import math
 import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from rld.config import DISTILLER_SETTINGS, DistillerConfig
-from rld.record import RECORD, SETTING_KEYS, RecordError, RunRecord, read_record
+from rld.distillers import DISTILLERS, followed_settings, setting_keys
+from rld.errors import ConfigError, RecordError
+from rld.record import RECORD, RunRecord, read_record
+from rld.registry import load_plugins
+
+log = logging.getLogger("rld")
 
 #: what a run directory is to the tables; every status but the first gives no number
 STATUSES = ("completed", "diverged", "failed", "incomplete")
 PROBLEMS = STATUSES[1:]
 #: folders never searched for runs (besides hidden ones)
 SKIP_DIRS = frozenset({"checkpoints", "__pycache__", "wandb", "lightning_logs", "tb"})
-#: the columns of runs.csv: who the run is, every distiller setting, what it gave, where
-RUN_COLUMNS = (
-    "dataset", "pair", "role", "teacher", "student", "arch", "distiller", *SETTING_KEYS,
-    "seed", "epochs", "epochs_done", "status", "top1", "top1_best", "top5", "wall_s",
-    "teacher_top1", "message", "duplicate_of", "path",
-)  # fmt: skip
 CONFIG = os.path.join(".hydra", "config.yaml")
 
-# settings whose schema default follows another setting ("${distiller.tau}" for scd_tau): at
-# that value the run did not set them, so they are not a setting of their own
-_INTERP = re.compile(r"\$\{distiller\.(\w+)\}")
-FOLLOWS = {f.name: m.group(1) for f in fields(DistillerConfig)
-           if isinstance(f.default, str) and (m := _INTERP.fullmatch(f.default))}  # fmt: skip
+
+def run_columns() -> tuple[str, ...]:
+    """The columns of runs.csv: who the run is, every setting of every registered
+    distiller (`rld.distillers.setting_keys`), what it gave, where."""
+    return ("dataset", "pair", "role", "teacher", "student", "arch", "distiller",
+            *setting_keys(), "seed", "epochs", "epochs_done", "status", "top1", "top1_best",
+            "top5", "wall_s", "teacher_top1", "message", "duplicate_of", "path")
 
 
 def as_float(x: Any) -> float:
@@ -111,16 +114,18 @@ class Run:
 
     @cached_property
     def point(self) -> tuple:
-        """The settings the distiller reads (rld.config.DISTILLER_SETTINGS; every recorded
-        one for a distiller it does not list), as sorted (name, value) pairs."""
+        """The distiller's settings (those it registered; every recorded one for a distiller
+        that is not registered here), as sorted (name, value) pairs."""
         if self.unit[0] in ("teacher", "student"):
             return ()
         s = self.settings
-        keys = DISTILLER_SETTINGS.get(self.distiller)
+        keys = DISTILLERS.get(self.distiller).setting_names() \
+            if self.distiller in DISTILLERS else None
+        follows = followed_settings()
         out = []
         for k in sorted(s if keys is None else keys):
             v = s.get(k)
-            src = FOLLOWS.get(k)
+            src = follows.get(k)
             if src is not None and src in s and v == s[src]:
                 v = src  # the default: follows `src`, not a setting of its own
             out.append((k, v))
@@ -130,8 +135,11 @@ class Run:
         return getattr(self, key)
 
     def column(self, name: str) -> Any:
-        """The value of a RUN_COLUMNS column."""
-        return self.settings.get(name) if name in SETTING_KEYS else getattr(self, name)
+        """The value of a `run_columns()` column: a field of the run, else a setting."""
+        return getattr(self, name) if name in _FIELDS else self.settings.get(name)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Run))
 
 
 def find_run_dirs(roots: Iterable[str | Path]) -> list[Path]:
@@ -182,7 +190,20 @@ def read_run(run_dir: Path, cwd: str | None = None) -> Run:
         run.status, run.unreadable = "failed", True
         run.message = str(e).replace(str(Path(run_dir) / RECORD), shown, 1)
         return run
+    if record is not None and record.plugins:
+        _load_plugins(tuple(record.plugins))
     return _run_from_record(record or _record_from_config(run_dir), run_dir, path)
+
+
+@functools.cache
+def _load_plugins(modules: tuple[str, ...]) -> None:
+    """The plugins a run was made with (its distiller's label and settings are theirs),
+    where they import here; without them its distiller shows by name."""
+    try:
+        load_plugins(modules)
+    except (ConfigError, ImportError) as e:
+        log.warning("plugins %s of some runs do not import here (%s): their distillers "
+                    "show by name", ", ".join(modules), e)
 
 
 def _status(record: RunRecord) -> str:
@@ -322,5 +343,6 @@ def runs_frame(runs: list[Run]):
     """The runs as a pandas DataFrame (the columns of ``runs.csv``)."""
     import pandas as pd
 
-    rows = [{c: r.column(c) for c in RUN_COLUMNS} for r in runs]
-    return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    columns = run_columns()
+    rows = [{c: r.column(c) for c in columns} for r in runs]
+    return pd.DataFrame(rows, columns=list(columns))

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rld.config import POINT_KEYS
+from rld.distillers import DISTILLERS
 
 from .runs import PROBLEMS, Run, as_float, status_counts
 
@@ -26,20 +26,24 @@ METRIC_TEXT = {
 }
 NA = "—"
 SYMBOL = {"beta": "β", "tau": "τ", "alpha": "α"}
-#: distillers with a column even without runs, then the others' order when they have runs
-#: (any distiller not listed follows, sorted by name)
-TABLE_DISTILLERS = ("kd", "dkd", "rld")
-METHOD_ORDER = (*TABLE_DISTILLERS, "fitnet", "ofd", "reviewkd", "crd")
-METHOD_LABEL = {"teacher": "Teacher", "student": "Student", "kd": "KD", "dkd": "DKD",
-                "rld": "RLD", "fitnet": "FitNet", "ofd": "OFD", "reviewkd": "ReviewKD",
-                "crd": "CRD"}  # fmt: skip
+#: the labels of the two columns of runs without a distiller; a distiller's label, its order
+#: and whether it has a column even without runs are its registration's (`rld.distillers`:
+#: `label`, registration order, `table`), any other distiller follows, sorted by name
+UNIT_LABEL = {"teacher": "Teacher", "student": "Student"}
 #: the literature's values, packaged: <method>_top1 columns per (dataset, teacher, student)
 LITERATURE_FILES = ("paper_results.csv", "paper_results_feature.csv")
 
 
 # -- text ------------------------------------------------------------------------------------
 def method_label(m: str) -> str:
-    return METHOD_LABEL.get(m, m)
+    if m in UNIT_LABEL:
+        return UNIT_LABEL[m]
+    return DISTILLERS.get(m).label if m in DISTILLERS else m
+
+
+def point_keys(distiller: str) -> tuple[str, ...]:
+    """The settings that name a distiller's grid point (none for an unregistered one)."""
+    return DISTILLERS.get(distiller).point if distiller in DISTILLERS else ()
 
 
 def fmt_value(v: Any) -> str:
@@ -195,19 +199,19 @@ class Group:
 
     def varying(self) -> list[str]:
         """The settings that take more than one value among the points: the distiller's
-        POINT_KEYS first (in their order), then the others by name."""
+        point keys first (in their order), then the others by name."""
         seen: dict[str, set] = defaultdict(set)
         for p in self.points:
             for k, v in p:
                 seen[k].add(v)
         vary = [k for k in sorted(seen) if len(seen[k]) > 1]
-        first = [k for k in POINT_KEYS.get(self.unit[0], ()) if k in vary]
+        first = [k for k in point_keys(self.unit[0]) if k in vary]
         return first + [k for k in vary if k not in first]
 
     def shown_keys(self) -> list[str]:
-        """The settings a cell names: the distiller's POINT_KEYS and any that vary."""
+        """The settings a cell names: the distiller's point keys and any that vary."""
         present = {k for p in self.points for k, _ in p}
-        first = [k for k in POINT_KEYS.get(self.unit[0], ()) if k in present]
+        first = [k for k in point_keys(self.unit[0]) if k in present]
         return first + [k for k in self.varying() if k not in first]
 
 
@@ -387,7 +391,8 @@ def build_tables(runs: list[Run], metric: str,
 
 def table_methods(used: list[Run]) -> list[str]:
     present = {r.distiller for r in used if r.role != "teacher"} - {"vanilla"}
-    known = [m for m in METHOD_ORDER if m in TABLE_DISTILLERS or m in present]
+    known = [m for m, spec in DISTILLERS.items()
+             if m != "vanilla" and (spec.table or m in present)]
     return ["teacher", "student", *known, *sorted(present - set(known))]
 
 

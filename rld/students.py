@@ -1,8 +1,9 @@
-"""How the K students of a pack take a training step together on one batch.
+"""How K >= 1 students take a training step together on one batch (a single run is K = 1).
 
-Both strategies get the batch and the teacher's output once (computed by the pack) and
-return a `StepOut`: every point's loss terms, total loss and correct predictions, each kind
-in one tensor (a few kernels per step for the pack's bookkeeping, whatever K).
+Both strategies get the batch and the teacher's output once (computed by the engine's
+epoch, `rld.loop.train_epoch`) and return a `StepOut`: every point's loss terms, total loss
+and correct predictions, each kind in one tensor (a few kernels per step for the
+bookkeeping, whatever K).
 
 * `LoopStudents`: the K students one after another, each with `rld.loop.train_step` on its
   own `TrainState` (its model, optimiser, gradient scaler), the teacher's forward replaced by
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from rld.loop import TrainState, empty_step, topk_correct, train_step, uses_cudagraphs
+from rld.loop import TrainState, empty_step, evaluate, train_step, uses_cudagraphs
 
 MODES = ("auto", "loop", "vmap")
 
@@ -73,7 +74,7 @@ def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype,
     """`auto`: vmap on CUDA, the loop elsewhere, with fp16 (whose gradient scaler skips
     steps per point, which one stacked optimiser cannot do) and with batch norm synchronised
     over ranks (`sync_bn`: its all-reduce inside the layer cannot run under vmap)."""
-    from rld.validate import ConfigError
+    from rld.errors import ConfigError
 
     if mode not in MODES:
         raise ConfigError(f"pack mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -94,12 +95,15 @@ class LoopStudents:
 
     def __init__(self, states: list[TrainState]):
         self._teacher_out = None
-        # the same modules and optimisers; the teacher's forward is the pack's output
-        self.states = [replace(s, teacher_forward=None if s.teacher_forward is None
-                               else self._shared_teacher) for s in states]
+        # the same modules and optimisers; the teacher's forward is the step's shared output
+        # (given to `step`), else the state's own
+        self.states = [replace(s, teacher_forward=self._shared(s.teacher_forward))
+                       if s.teacher_forward is not None else s for s in states]
 
-    def _shared_teacher(self, x: Tensor):
-        return self._teacher_out
+    def _shared(self, own):
+        def forward(x: Tensor):
+            return own(x) if self._teacher_out is None else self._teacher_out
+        return forward
 
     def train(self) -> None:
         for s in self.states:
@@ -109,12 +113,12 @@ class LoopStudents:
         """Nothing: each point's optimiser follows its own scheduler."""
 
     def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int,
-             loss_scale: float | None = None) -> StepOut:
+             loss_scale: float | None = None, index: Tensor | None = None) -> StepOut:
         self._teacher_out = teacher_out
         names, rows, logits = [], [], []
         try:
             for s in self.states:
-                terms, loss, out = train_step(s, x, y, epoch, loss_scale=loss_scale)
+                terms, loss, out = train_step(s, x, y, epoch, index, loss_scale)
                 names.append(list(terms))
                 rows.append(point_row(terms, loss))  # before the next point's replays
                 logits.append(out)  # a copy already with CUDA graphs (train_step)
@@ -137,27 +141,21 @@ class LoopStudents:
     def sync(self) -> None:
         """Nothing: the points' own models and optimisers are the ones trained."""
 
-    @torch.inference_mode()
     def evaluate(self, loader) -> list[tuple[float, float]]:
-        """Top-1 and top-5 (%) of every point, in one pass over the loader (as
-        `rld.loop.evaluate` computes them: each student's compiled `predict`, summed over
-        the processes of a data-parallel pack); one host read."""
-        s0 = self.states[0]
+        """Top-1 and top-5 (%) of every point, in one pass over the loader: each student's
+        compiled `predict` (`rld.loop.evaluate`)."""
         for s in self.states:
             s.student.eval()
-        sums = torch.zeros(len(self.states), 2, device=s0.device)
-        n = 0
-        for batch in loader:
-            x, y = s0.inputs(batch[0]), batch[1]
-            for k, s in enumerate(self.states):
+
+        def predict(x: Tensor) -> Tensor:
+            out = []
+            for s in self.states:
                 if s.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                with s.autocast():
-                    logits = s.predict(x)
-                sums[k] += torch.stack([topk_correct(logits, y, 1),
-                                        topk_correct(logits, y, 5)]).float()
-            n += y.shape[0]
-        return _accuracies(sums, n, s0.all_reduce)
+                out.append(s.predict(x))
+            return torch.stack(out)
+
+        return evaluate(self.states[0], loader, predict, len(self.states))
 
 
 class VmapStudents:
@@ -172,8 +170,9 @@ class VmapStudents:
             raise ValueError("VmapStudents does not take fp16 gradient scalers")
         if any(list(s.distiller.parameters()) for s in states):
             raise ValueError("VmapStudents takes distillers without parameters only")
-        self.states, self.group = states, group
-        if group is not None:
+        self.states = states
+        self.group = group if group is not None and group.size > 1 else None
+        if self.group is not None:
             from rld.distributed import ddp_compile_mode
 
             compile_mode = ddp_compile_mode(compile_mode)
@@ -220,9 +219,10 @@ class VmapStudents:
             group["lr"] = lr
 
     def step(self, x: Tensor, y: Tensor, teacher_out, epoch: int,
-             loss_scale: float | None = None) -> StepOut:
+             loss_scale: float | None = None, index: Tensor | None = None) -> StepOut:
         """One step of every point; a point's loss is its separate run's on its slice
-        (scaled by `loss_scale` for the backward pass of a data-parallel rank)."""
+        (scaled by `loss_scale` for the backward pass of a data-parallel rank).  Its
+        distillers take no sample indices (`index` is unused)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -277,58 +277,27 @@ class VmapStudents:
             for name, b in s.student.named_buffers():
                 b.copy_(self.buffers[name][k])
 
-    @torch.inference_mode()
     def evaluate(self, loader) -> list[tuple[float, float]]:
-        """Top-1 and top-5 (%) of every point over the loader, batched like training; one
-        host read."""
-        s0 = self.states[0]
+        """Top-1 and top-5 (%) of every point over the loader, batched like training
+        (`rld.loop.evaluate`)."""
         self.base.eval()
-        sums, n = None, 0
-        for batch in loader:
-            x, y = batch[0], batch[1]
+
+        def predict(x: Tensor) -> Tensor:
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            with s0.autocast():
-                logits = self.forward(self.params, self.buffers, s0.inputs(x))
-            target = y.view(1, -1, 1)
-            k5 = min(5, logits.shape[2])
-            row = torch.stack([(logits.topk(1, dim=2).indices == target).any(2).sum(1),
-                               (logits.topk(k5, dim=2).indices == target).any(2).sum(1)], 1)
-            sums = row.float() if sums is None else sums + row
-            n += y.shape[0]
-        self.base.train()
-        if sums is None:  # a rank without test samples
-            sums = torch.zeros(len(self.states), 2, device=s0.device)
-        return _accuracies(sums, n, s0.all_reduce)
+            return self.forward(self.params, self.buffers, x)
 
-
-def _accuracies(sums: Tensor, n: int, all_reduce) -> list[tuple[float, float]]:
-    """Per point (%) from the correct top-1/top-5 counts `sums` [K, 2] of `n` samples, summed
-    over the processes first when `all_reduce` is given; one host read."""
-    total = torch.cat([sums.reshape(-1), sums.new_full((1,), n)])
-    if all_reduce is not None:
-        total = all_reduce(total)
-    *values, n = total.tolist()
-    return [(100.0 * values[2 * k] / n, 100.0 * values[2 * k + 1] / n)
-            for k in range(len(values) // 2)]
-
-
-def teacher_output(state: TrainState, teacher_fn, x: Tensor, cudagraphs: bool = False):
-    """The teacher's output on the batch, once for the whole pack, computed as
-    `rld.loop.train_step` computes it (the state's input format and autocast, no graph).
-    With `cudagraphs`: the step's start marked, and the output copied out of the graphs'
-    pool, which the students' replays may reuse."""
-    if cudagraphs:
-        torch.compiler.cudagraph_mark_step_begin()
-    with torch.no_grad(), state.autocast():
-        out = teacher_fn(state.inputs(x))
-    return out.clone() if cudagraphs else out
+        try:
+            return evaluate(self.states[0], loader, predict, len(self.states))
+        finally:
+            self.base.train()
 
 
 def build_students(states: list[TrainState], mode: str, compile: bool = False,
                    compile_mode: str = "default", group=None):
-    """The strategy `mode` (resolved: loop | vmap) over the points' states; with `group`,
-    one rank of a data-parallel pack (loop: the states are DDP ranks already)."""
+    """The strategy `mode` (resolved: loop | vmap) over the points' states; with `group`
+    (`rld.distributed.Group`), one rank of a data-parallel unit (loop: the states are DDP
+    ranks already)."""
     if mode == "vmap":
         return VmapStudents(states, compile, compile_mode, group)
     return LoopStudents(states)

@@ -1,10 +1,12 @@
 """Feature distillers of the RLD paper's Figure 2: FitNet, OFD, ReviewKD and CRD, with the
-extra modules they train beside the student (the losses are in `rld.feature_losses`).
+extra modules they train beside the student (the losses are in
+`rld.distillers.feature_losses`).
 
 They follow mdistiller (`mdistiller/distillers/{FitNet,OFD,ReviewKD,CRD}.py`) and CRD's
 original release (HobbitLong/RepDistiller: memory, NCE loss, "exact" sampling of negatives
 from the other classes), with the pair's channels and sizes read from the models'
-`forward_features` (`rld.models.features.feature_shapes`) instead of per-pair tables:
+`forward_features` (`rld.models.features.feature_shapes`, given to `build` and
+`pair_problem` as `s_shapes` / `t_shapes`) instead of per-pair tables:
 
 - FitNet: `ConvRegressor` (conv + BN + ReLU) from the student's feature `hint_layer` (0 = stem)
   to the teacher's; MSE.
@@ -25,15 +27,23 @@ fusion modules' trainable parameters (no BN running statistics); CRD adds its tw
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rld.distillers import Distiller
-from rld.feature_losses import fitnet_loss, hcl_loss, nce_loss, ofd_loss, ofd_margins
-from rld.models.features import feature_shapes
+from rld.distillers.base import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    UNIT_INTERVAL,
+    DistillationWeights,
+    Distiller,
+    register_distiller,
+    setting,
+)
+from rld.distillers.feature_losses import fitnet_loss, hcl_loss, nce_loss, ofd_loss, ofd_margins
 
 # ReviewKD's fusion width: min(this, channels of the student's pooled feature) (reference).
 REVIEW_MAX_MID = 512
@@ -235,10 +245,6 @@ class FeatureDistiller(Distiller):
 
     needs_features = True
 
-    @property
-    def needs_teacher(self) -> bool:
-        return True
-
     def counted_modules(self) -> list[nn.Module]:
         """The modules whose trainable parameters the reference counts as extra."""
         return list(self.children())
@@ -247,8 +253,21 @@ class FeatureDistiller(Distiller):
         return sum(p.numel() for m in self.counted_modules() for p in m.parameters())
 
 
+def _weights(s: DistillationWeights) -> dict[str, Any]:
+    return dict(ce_weight=float(s.ce_weight), kd_weight=float(s.kd_weight), warmup=int(s.warmup))
+
+
+@dataclass
+class FitNetSettings(DistillationWeights):
+    hint_layer: int = setting(2, "index of the hinted feature map (0 = stem, then stages)")
+
+
+@register_distiller("fitnet", label="FitNet", defaults={"kd_weight": 100.0})
 class FitNet(FeatureDistiller):
-    """mse(regressor(student.feats[h]), teacher.feats[h])."""
+    """FitNet (Romero et al. 2015): mse(regressor(student.feats[h]), teacher.feats[h]);
+    mdistiller's defaults: hint 2, feature weight 100, CE 1, no warm-up."""
+
+    Settings = FitNetSettings
 
     def __init__(self, s_shapes: dict, t_shapes: dict, hint_layer: int, **weights: Any):
         super().__init__("fitnet", **weights)
@@ -260,12 +279,37 @@ class FitNet(FeatureDistiller):
         h = self.hint_layer
         return fitnet_loss(self.regressor(student.feats[h]), teacher.feats[h])
 
+    @classmethod
+    def build(cls, settings, *, s_shapes, t_shapes, **context) -> FitNet:
+        return cls(s_shapes, t_shapes, int(settings.hint_layer), **_weights(settings))
 
+    @classmethod
+    def pair_problem(cls, settings, s_shapes, t_shapes, teacher) -> str | None:
+        h, n = settings.hint_layer, min(len(s_shapes["feats"]), len(t_shapes["feats"]))
+        if not 0 <= h < n:
+            return f"distiller.hint_layer={h} is out of range: use 0..{n - 1}"
+        s, t = s_shapes["feats"][h], t_shapes["feats"][h]
+        if regressor_kind(s, t) is None:
+            return (f"distiller.hint_layer={h}: no regressor maps the student's feature "
+                    f"{s} to the teacher's {t} (sizes must be equal, half or double, or the "
+                    "student's larger); choose another hint_layer")
+        return None
+
+
+def _bn_channels(teacher: nn.Module) -> list[int] | None:
+    try:
+        return [bn.num_features for bn in teacher.bn_before_relu()]
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+@register_distiller("ofd", label="OFD", defaults={"kd_weight": 0.001})
 class OFD(FeatureDistiller):
-    """Partial L2 between connected student pre-ReLU stages and the teacher's, through the
-    margin ReLU; margins (buffers `margin0..`) from the teacher's `bn_before_relu()`.  As in
-    both reference releases (mdistiller's `OFD.train`, the authors' training script), the
-    teacher runs in training mode: its batch-norm layers use the batch's statistics."""
+    """OFD (Heo et al. 2019): partial L2 between connected student pre-ReLU stages and the
+    teacher's, through the margin ReLU; margins (buffers `margin0..`) from the teacher's
+    `bn_before_relu()`.  As in both reference releases (mdistiller's `OFD.train`, the
+    authors' training script), the teacher runs in training mode: its batch-norm layers use
+    the batch's statistics.  mdistiller's CIFAR-100 weight 1e-3 (ImageNet pairs: 1e-4)."""
 
     teacher_train = True
 
@@ -286,9 +330,38 @@ class OFD(FeatureDistiller):
         connected = [c(f) for c, f in zip(self.connectors, student.preact_feats[-n:])]
         return ofd_loss(connected, teacher.preact_feats[-n:], self.margins())
 
+    @classmethod
+    def build(cls, settings, *, s_shapes, t_shapes, teacher, **context) -> OFD:
+        return cls(s_shapes, t_shapes, teacher.bn_before_relu(), **_weights(settings))
 
+    @classmethod
+    def pair_problem(cls, settings, s_shapes, t_shapes, teacher) -> str | None:
+        bns = _bn_channels(teacher)
+        if bns is None:
+            return "the teacher has no BN before its stages' ReLU: OFD cannot take its margins"
+        n = ofd_stage_count(s_shapes, t_shapes, len(bns))
+        if n < 1:
+            return "the student or the teacher has no stage after its stem to connect"
+        t_channels = [c for c, _, _ in t_shapes["preact_feats"][-n:]]
+        if bns[-n:] != t_channels:
+            return (f"the teacher's margins (BN channels {bns}) do not match its "
+                    f"stages ({t_channels})")
+        return None
+
+
+@dataclass
+class ReviewKDSettings(DistillationWeights):
+    student_preact: bool = setting(False, "fuse the student's pre-ReLU maps (ImageNet: true)")
+
+
+@register_distiller("reviewkd", label="ReviewKD", defaults={"warmup": 20})
 class ReviewKD(FeatureDistiller):
-    """HCL between the review path's outputs and the teacher's pre-ReLU stages + pooled."""
+    """ReviewKD (Chen et al. 2021): HCL between the review path's outputs and the teacher's
+    pre-ReLU stages + pooled feature; mdistiller: weight 1.0 (5.0 for resnet32x4 ->
+    resnet8x4, per pair), warm-up 20 epochs, CE 1, student post-ReLU maps (ImageNet:
+    pre-ReLU, warm-up 1)."""
+
+    Settings = ReviewKDSettings
 
     def __init__(self, s_shapes: dict, t_shapes: dict, student_preact: bool, **weights: Any):
         super().__init__("reviewkd", **weights)
@@ -306,12 +379,42 @@ class ReviewKD(FeatureDistiller):
         outputs = self.fusion([*maps[-n:], student.pooled[:, :, None, None]])
         return hcl_loss(outputs, [*teacher.preact_feats[-n:], teacher.pooled[:, :, None, None]])
 
+    @classmethod
+    def build(cls, settings, *, s_shapes, t_shapes, **context) -> ReviewKD:
+        return cls(s_shapes, t_shapes, bool(settings.student_preact), **_weights(settings))
 
+    @classmethod
+    def pair_problem(cls, settings, s_shapes, t_shapes, teacher) -> str | None:
+        n = review_stages(t_shapes)
+        key = "preact_feats" if settings.student_preact else "feats"
+        if n < 1 or len(s_shapes[key]) < n:
+            return (f"the student has {len(s_shapes[key])} feature maps and the teacher "
+                    f"{n} stages: ReviewKD fuses one student map per teacher stage")
+        return None
+
+
+@dataclass
+class CRDSettings(DistillationWeights):
+    feat_dim: int = setting(128, "dimension of the embeddings of both pooled features",
+                            AT_LEAST_ONE)
+    nce_k: int = setting(16384, "negatives per sample, drawn from the other classes",
+                         AT_LEAST_ONE)
+    nce_t: float = setting(0.07, "temperature of the contrastive scores", POSITIVE)
+    nce_momentum: float = setting(0.5, "momentum of the memory of each sample's embeddings",
+                                  UNIT_INTERVAL)
+    nce_replace: bool = setting(False, "negatives with replacement (else without, where "
+                                       "possible)")
+
+
+@register_distiller("crd", label="CRD", defaults={"kd_weight": 0.8})
 class CRD(FeatureDistiller):
-    """NCE of the embedded pooled features against the memory: L(student) + L(teacher).
+    """CRD (Tian et al. 2020): NCE of the embedded pooled features against a momentum
+    memory of every training sample, L(student) + L(teacher); 16384 negatives from other
+    classes, T 0.07, momentum 0.5, weight 0.8, CE 1 (mdistiller / RepDistiller defaults).
     Embeddings and scores are computed in float32 (autocast off): T = 0.07 amplifies
     rounding errors 14-fold in the exponent."""
 
+    Settings = CRDSettings
     needs_index = True
     single_process = ("CRD's memory of every sample and its negatives drawn per process "
                       "would diverge over the ranks")
@@ -342,124 +445,13 @@ class CRD(FeatureDistiller):
             n = self.memory.num_data
             return nce_loss(out_s, n) + nce_loss(out_t, n)
 
-
-# the feature distillers by name (`distiller=...`)
-FEATURE_DISTILLERS: dict[str, type[FeatureDistiller]] = {
-    "fitnet": FitNet, "ofd": OFD, "reviewkd": ReviewKD, "crd": CRD}
-
-
-# --------------------------------------------------------------------------- build, checks
-def pair_problem(name: str, cfg, s_shapes: dict, t_shapes: dict,
-                 t_bn_channels: list[int] | None) -> str | None:
-    """Why distiller `name` cannot run on a pair with these `feature_shapes` (None: it can).
-    `t_bn_channels`: channels of the teacher's `bn_before_relu()` (None: it has none)."""
-    if name == "fitnet":
-        h, n = cfg.hint_layer, min(len(s_shapes["feats"]), len(t_shapes["feats"]))
-        if not 0 <= h < n:
-            return f"distiller.hint_layer={h} is out of range: use 0..{n - 1}"
-        s, t = s_shapes["feats"][h], t_shapes["feats"][h]
-        if regressor_kind(s, t) is None:
-            return (f"distiller.hint_layer={h}: no regressor maps the student's feature "
-                    f"{s} to the teacher's {t} (sizes must be equal, half or double, or the "
-                    "student's larger); choose another hint_layer")
-    elif name == "ofd":
-        if t_bn_channels is None:
-            return "the teacher has no BN before its stages' ReLU: OFD cannot take its margins"
-        n = ofd_stage_count(s_shapes, t_shapes, len(t_bn_channels))
-        if n < 1:
-            return "the student or the teacher has no stage after its stem to connect"
-        t_channels = [c for c, _, _ in t_shapes["preact_feats"][-n:]]
-        if t_bn_channels[-n:] != t_channels:
-            return (f"the teacher's margins (BN channels {t_bn_channels}) do not match its "
-                    f"stages ({t_channels})")
-    elif name == "reviewkd":
-        n = review_stages(t_shapes)
-        key = "preact_feats" if cfg.student_preact else "feats"
-        if n < 1 or len(s_shapes[key]) < n:
-            return (f"the student has {len(s_shapes[key])} feature maps and the teacher "
-                    f"{n} stages: ReviewKD fuses one student map per teacher stage")
-    return None
-
-
-def data_parallel_problem(name: str, world_size: int) -> str | None:
-    """Why distiller `name` cannot train as one run over `world_size` processes (its class's
-    `single_process`; None: it can)."""
-    reason = getattr(FEATURE_DISTILLERS.get(name), "single_process", None)
-    if reason is None or world_size < 2:
-        return None
-    return f"{reason} ({world_size} here): run it on one process"
-
-
-# Values of the feature distillers' own keys: (distiller, key, test, what is allowed).
-_SETTING_RULES = (
-    ("crd", "feat_dim", lambda v: v >= 1, "must be >= 1"),
-    ("crd", "nce_k", lambda v: v >= 1, "must be >= 1"),
-    ("crd", "nce_t", lambda v: v > 0, "must be > 0"),
-    ("crd", "nce_momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-)
-
-
-def _settings_problem(name: str, d) -> str | None:
-    for distiller, key, ok, allowed in _SETTING_RULES:
-        if distiller == name and not ok(getattr(d, key)):
-            return f"distiller.{key}={getattr(d, key)!r} is not allowed: {allowed}"
-    return None
-
-
-def _bn_channels(teacher: nn.Module) -> list[int] | None:
-    try:
-        return [bn.num_features for bn in teacher.bn_before_relu()]
-    except NotImplementedError:
-        return None
-
-
-def check_feature_pair(cfg) -> None:
-    """Raise `rld.validate.ConfigError` (one line naming the pair, the distiller and the key)
-    when `cfg.distiller` is a feature distiller that cannot run on `cfg.pair`.  Builds both
-    models on the meta device (no memory, no arithmetic)."""
-    from rld.models import build_model
-    from rld.validate import ConfigError
-
-    name = cfg.distiller.name
-    if name not in FEATURE_DISTILLERS or cfg.role != "student":
-        return
-    problem = _settings_problem(name, cfg.distiller)
-    if problem is None:
-        ds = cfg.dataset
-        with torch.device("meta"):
-            student, teacher = (build_model(cfg.pair[r], ds.num_classes, ds.family)
-                                for r in ("student", "teacher"))
-        problem = pair_problem(name, cfg.distiller, feature_shapes(student, ds.image_size),
-                               feature_shapes(teacher, ds.image_size), _bn_channels(teacher))
-    if problem is not None:
-        raise ConfigError(f"pair={cfg.pair.name} distiller={name}: {problem}")
-
-
-def build_feature_distiller(cfg, *, student: nn.Module, teacher: nn.Module, image_size: int,
-                            num_train: int | None = None, train_labels: Tensor | None = None,
-                            **_: Any) -> FeatureDistiller:
-    """Build distiller `cfg.name` (one of FEATURE_DISTILLERS) for this student and teacher
-    (the teacher's weights loaded: OFD reads its BN parameters).  CRD needs `train_labels`
-    (int64 [num_train], the training set's labels in dataset-row order)."""
-    from rld.validate import ConfigError
-
-    name = cfg.name
-    s_shapes, t_shapes = feature_shapes(student, image_size), feature_shapes(teacher, image_size)
-    bns = _bn_channels(teacher)
-    problem = (_settings_problem(name, cfg)
-               or pair_problem(name, cfg, s_shapes, t_shapes, bns))
-    if problem is not None:
-        raise ConfigError(f"distiller={name} with {type(teacher).__name__} -> "
-                          f"{type(student).__name__}: {problem}")
-    weights = dict(ce_weight=float(cfg.ce_weight), kd_weight=float(cfg.kd_weight),
-                   warmup=int(cfg.warmup))
-    if name == "fitnet":
-        return FitNet(s_shapes, t_shapes, int(cfg.hint_layer), **weights)
-    if name == "ofd":
-        return OFD(s_shapes, t_shapes, teacher.bn_before_relu(), **weights)
-    if name == "reviewkd":
-        return ReviewKD(s_shapes, t_shapes, bool(cfg.student_preact), **weights)
-    if train_labels is None or (num_train is not None and len(train_labels) != num_train):
-        raise ValueError("CRD needs train_labels: the labels of all num_train training rows")
-    return CRD(s_shapes, t_shapes, train_labels, int(cfg.feat_dim), int(cfg.nce_k),
-               float(cfg.nce_t), float(cfg.nce_momentum), bool(cfg.nce_replace), **weights)
+    @classmethod
+    def build(cls, settings, *, s_shapes, t_shapes, num_train=None, train_labels=None,
+              **context) -> CRD:
+        """CRD needs `train_labels` (int64 [num_train], the training set's labels in
+        dataset-row order)."""
+        if train_labels is None or (num_train is not None and len(train_labels) != num_train):
+            raise ValueError("CRD needs train_labels: the labels of all num_train training rows")
+        s = settings
+        return cls(s_shapes, t_shapes, train_labels, int(s.feat_dim), int(s.nce_k),
+                   float(s.nce_t), float(s.nce_momentum), bool(s.nce_replace), **_weights(s))

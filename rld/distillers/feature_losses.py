@@ -1,5 +1,5 @@
 """Feature distillation losses as pure functions of feature maps (the modules that produce
-the student's side live in `rld.feature_distillers`).
+the student's side live in `rld.distillers.feature`).
 
 Notation: s, t are the student's and teacher's features (after the student's extra module),
 B the batch size, mse(a, b) = mean over every element of (a - b)^2.  Every loss is a scalar
