@@ -50,6 +50,7 @@ from rld.reproduce import (
     set_rng_state,
     versions,
 )
+from rld.teachers import check_teacher, missing_teacher_message, verification_record
 from rld.validate import ConfigError, validate
 from rld.world import World, find_world
 
@@ -495,7 +496,8 @@ class RunBook:
             self.cfg, self.fp, teacher_sha256=self.fp.get(TEACHER_KEY),
             device=device_label(device), precision=str(dtype).removeprefix("torch."),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            world_size=world_size, versions=versions())
+            world_size=world_size, versions=versions(),
+            teacher_verification=verification_record(self.cfg))
         if self.writes:
             self.record.write(self.dir.path)
         self.board = TensorBoard(self.dir.path, self.cfg.trainer.tensorboard and self.writes,
@@ -557,13 +559,10 @@ def load_teacher(cfg, num_classes: int, device: torch.device) -> torch.nn.Module
     path = Path(cfg.teacher.checkpoint)
     arch = cfg.pair.teacher
     if not path.exists():
-        raise RunError(
-            f"teacher checkpoint not found: {path}\n"
-            f"  train it:  python -m rld.train dataset={cfg.dataset.name} pair={cfg.pair.name} "
-            f"distiller=vanilla role=teacher\n"
-            f"  or put the published file there (cifar_teachers.tar unpacks to "
-            f"<arch>_vanilla/ckpt_epoch_240.pth under paths.teachers={cfg.paths.teachers}),"
-            f"\n  or pass teacher.checkpoint=PATH")
+        raise RunError(missing_teacher_message(cfg))
+    refused = check_teacher(cfg, path)  # logs verified / warns unverified; failed: a reason
+    if refused:
+        raise RunError(refused)
     teacher = build_model(arch, num_classes, cfg.dataset.family)
     try:
         load_checkpoint(teacher, path)
