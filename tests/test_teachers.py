@@ -69,6 +69,7 @@ class Served:
         self.files: dict[str, bytes] = {}
         self.cut: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.whole: set[str] = set()  # names served whole whatever Range asks
         self.url = ""
 
 
@@ -78,6 +79,7 @@ def handler(served: Served):
             name = self.path.lstrip("/")
             asked = self.headers.get("Range")
             served.requests.append((name, asked))
+            asked = None if name in served.whole else asked
             body = served.files.get(name)
             if body is None:
                 self.send_error(404)
@@ -218,6 +220,21 @@ def test_interrupted_download_resumes(server, tmp_path, cifar_archive):
     manifest = json.loads((folder / "MANIFEST.json").read_text())
     assert manifest["sources"]["cifar_teachers.tar"]["sha256"] == sha(cifar_archive["data"])
     assert leftovers(folder) == []
+
+
+def test_resume_starts_over_when_the_server_ignores_the_range(server, tmp_path):
+    from rld.teachers.configs import TeacherError
+    from rld.teachers.download import download
+
+    body = bytes(range(256)) * 8192  # 2 MiB
+    server.files["plain.bin"], server.whole = body, {"plain.bin"}
+    server.cut["plain.bin"] = 700_000
+    part = tmp_path / ".plain.bin.part"
+    with pytest.raises(TeacherError, match="interrupted after 700,000 of 2,097,152 bytes"):
+        download(f"{server.url}/plain.bin", part, progress=False)
+    download(f"{server.url}/plain.bin", part, progress=False)  # asks a range, gets it all
+    assert server.requests[-1] == ("plain.bin", "bytes=700000-")
+    assert part.read_bytes() == body and not (tmp_path / ".plain.bin.part.json").exists()
 
 
 def test_truncated_archive_installs_nothing(server, tmp_path, cifar_archive):

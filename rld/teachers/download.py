@@ -73,7 +73,7 @@ def _open(url: str, have: int, validator: str | None):
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                       timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the part is not a prefix of this file: start over
+        if e.code == 416 and have:  # no such range: start over
             return None
         raise TeacherError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
@@ -81,13 +81,13 @@ def _open(url: str, have: int, validator: str | None):
         raise TeacherError(f"cannot download {url}: {reason}") from None
 
 
-def _start(response, have: int) -> int:
-    """Where the response's bytes go in the part: `have` for the range asked, else 0 (the
-    server sent the whole file)."""
+def _start(response, have: int) -> int | None:
+    """Where the response's bytes go in the part: 0 for a whole file, `have` for the range
+    asked; None for a range that is not the one asked (the download starts over)."""
     if response.status != 206:
         return 0
     first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
-    return have if first.strip() == str(have) else 0
+    return have if first.strip() == str(have) else None
 
 
 def download(url: str, part: Path, progress: bool = True) -> None:
@@ -97,11 +97,14 @@ def download(url: str, part: Path, progress: bool = True) -> None:
 
     have, validator = _resume_from(part, url)
     response = _open(url, have, validator)
-    if response is None:
+    if response is not None and _start(response, have) is None:
+        response.close()
+        response = None
+    if response is None:  # the part is not a prefix of this file: start over
         part.unlink(missing_ok=True)
         have, response = 0, _open(url, 0, None)
     with response:
-        start = _start(response, have)
+        start = _start(response, have) or 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
         validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
