@@ -137,6 +137,13 @@ def test_layout_keeps_the_dataset_folder_under_paths_teachers(tmp_path):
     assert shared["digits"].teachers[0].path == tmp_path / "digits/resnet14_vanilla/teacher.pth"
     assert shared["synthetic"].folder == tmp_path / "synthetic"  # no overwriting each other
 
+    # where teachers come from and whether a failed one may be used decide nothing
+    from rld.reproduce import fingerprint
+
+    fp = fingerprint(shared["digits"].teachers[0].cfg)
+    assert "dataset.name" in fp and not any(
+        k.startswith("teacher.") or k == "dataset.teacher_source" for k in fp)
+
     # a teacher at the old layout (paths.teachers was the data set's folder): the error says
     old = tmp_path / "digits/resnet14_vanilla/teacher.pth"
     old.parent.mkdir(parents=True)
