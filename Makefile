@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo table lint slurm-test bench dashboard clean-venv
+.PHONY: install test test-slow demo table lint slurm-test bench dashboard teachers clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ bench: install
 	$(BIN)/python -m rld.bench data --dataset imagenet
 	$(BIN)/python -m rld.bench grid --points 4
 	$(BIN)/python -m rld.bench epoch
+
+# teachers: make teachers [ARGS="fetch --dataset cifar100"] (default: list; any command and
+# override of `python -m rld.teachers`: list | fetch | verify | train, e.g. ARGS="verify pair=vgg13_vgg8")
+ARGS ?= list
+teachers: install
+	$(BIN)/python -m rld.teachers $(ARGS)
 
 # Optuna dashboard of a study: make dashboard [TAG=main] [PORT=8080] [HOST=127.0.0.1]
 # [DB=sweeps/$(TAG)/optuna.db] (the study of a sweep given another hydra.sweep.dir: DB=<dir>/optuna.db)

@@ -44,8 +44,13 @@ class DatasetConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
-    # file name of a teacher checkpoint inside `<paths.teachers>/<arch>_vanilla/`
+    # file name of a teacher checkpoint inside `<paths.teachers>/<name>/<arch>_vanilla/`
     teacher_file: str = "ckpt_epoch_240.pth"
+    # where `python -m rld.teachers fetch` gets this set's published teachers: the URL of an
+    # archive of `[<folder>/]<arch>_vanilla/<teacher_file>` (cifar100: mdistiller's
+    # cifar_teachers.tar), `torchvision` (each teacher from torchvision's weight file) or ""
+    # (none published: `fetch --from URL|PATH`, or `rld.teachers train`)
+    teacher_source: str = ""
     # the paper's beta x tau search grid for this data set (sweep/ and hparams/ presets)
     grid_beta: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
     grid_tau: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0])
@@ -67,9 +72,14 @@ class PairConfig:
 
 @dataclass
 class TeacherConfig:
+    # the published layout under one folder per data set (`rld.teachers` fetches and trains
+    # teachers exactly there; `teachers/<dataset>/MANIFEST.json` records fetched files)
     checkpoint: str = (
-        "${paths.teachers}/${pair.teacher}_vanilla/${dataset.teacher_file}"
+        "${paths.teachers}/${dataset.name}/${pair.teacher}_vanilla/${dataset.teacher_file}"
     )
+    # distil from a teacher whose verification failed (`python -m rld.teachers verify`:
+    # top-1 off its expected accuracy); an unverified teacher only logs a warning
+    allow_unverified: bool = False
 
 
 @dataclass
@@ -110,7 +120,7 @@ class OptimConfig:
 class PathsConfig:
     root: str = "."
     data: str = "${paths.root}/data"
-    teachers: str = "${paths.root}/teachers/${dataset.name}"
+    teachers: str = "${paths.root}/teachers"  # every data set's teachers, one folder each
     sweeps: str = "${paths.root}/sweeps"
 
 
@@ -164,7 +174,8 @@ NOT_IN_FINGERPRINT = ("paths.", "hydra.", "hydra/", "hparams", "hparams.", "teac
                       "trainer.resume", "trainer.log_every_s", "trainer.compile",
                       "trainer.compile_mode", "trainer.channels_last", "trainer.tensorboard",
                       "trainer.dist_timeout_s",
-                      "dataset.root", "dataset.download", "dataset.workers", "dataset.decoder")
+                      "dataset.root", "dataset.download", "dataset.workers", "dataset.decoder",
+                      "dataset.teacher_source")
 # SHOWN_BY_PATH: keys a run directory shows as folders (<dataset>/<pair>/<distiller>/...
 # seed=N); with NOT_IN_FINGERPRINT and the distiller's point keys (shown resolved), they are
 # left out of the extra overrides listed in its name.

@@ -57,6 +57,7 @@ from rld.record import RunRecord
 from rld.reproduce import file_sha256, fingerprint, rng_state, seed_everything, set_rng_state
 from rld.rundir import RunBook, RunDir, config_difference, record_failure, run_lock
 from rld.students import build_students, resolve_mode
+from rld.teachers import check_teacher, missing_teacher_message
 from rld.validate import validate
 from rld.world import World, find_world
 
@@ -333,13 +334,10 @@ def load_teacher(cfg, num_classes: int, device: torch.device) -> torch.nn.Module
     path = Path(cfg.teacher.checkpoint)
     arch = cfg.pair.teacher
     if not path.exists():
-        raise RunError(
-            f"teacher checkpoint not found: {path}\n"
-            f"  train it:  python -m rld.train dataset={cfg.dataset.name} pair={cfg.pair.name} "
-            f"distiller=vanilla role=teacher\n"
-            f"  or put the published file there (cifar_teachers.tar unpacks to "
-            f"<arch>_vanilla/ckpt_epoch_240.pth under paths.teachers={cfg.paths.teachers}),"
-            f"\n  or pass teacher.checkpoint=PATH")
+        raise RunError(missing_teacher_message(cfg))
+    refused = check_teacher(cfg, path)  # logs verified / warns unverified; failed: a reason
+    if refused:
+        raise RunError(refused)
     teacher = build_model(arch, num_classes, cfg.dataset.family)
     try:
         load_checkpoint(teacher, path)

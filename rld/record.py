@@ -52,6 +52,9 @@ class RunRecord:
     wall_s: float | None = None
     teacher_top1: float | None = None
     teacher_sha256: str | None = None
+    # the teacher file's verification when the run started (rld.teachers: status verified |
+    # failed | unverified, top1, expected, tolerance, source, reason, checked)
+    teacher_verification: dict[str, Any] | None = None
     device: str | None = None
     precision: str | None = None
     cuda_visible_devices: str | None = None

@@ -47,7 +47,6 @@ def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, cached beside it in `<file>.sha256` (keyed by size and
     modification time, so a replaced file is hashed again; an unwritable folder only costs
     the hash)."""
-    import hashlib
     import json
 
     path = Path(path)
@@ -60,11 +59,7 @@ def file_sha256(path: Path) -> str:
             return str(cached["sha256"])
     except (OSError, ValueError, KeyError, AttributeError):
         pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = sha256_of(path)
     try:
         from rld.io import write_text
 
@@ -72,6 +67,17 @@ def file_sha256(path: Path) -> str:
     except OSError:
         pass
     return value
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (no cache: `file_sha256` keeps one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def versions() -> dict:

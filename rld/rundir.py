@@ -27,6 +27,7 @@ from rld import io
 from rld.errors import RecordError, RunError
 from rld.record import RunRecord, read_record
 from rld.reproduce import TEACHER_KEY, fingerprint, rng_state, set_rng_state, versions
+from rld.teachers import verification_record
 
 log = logging.getLogger("rld")
 
@@ -224,7 +225,8 @@ class RunBook:
             self.cfg, self.fp, teacher_sha256=self.fp.get(TEACHER_KEY),
             device=device, precision=str(dtype).removeprefix("torch."),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            world_size=world_size, versions=versions())
+            world_size=world_size, versions=versions(),
+            teacher_verification=verification_record(self.cfg))
         if self.writes:
             self.record.write(self.dir.path)
         self.board = TensorBoard(self.dir.path, self.cfg.trainer.tensorboard and self.writes,

@@ -125,7 +125,8 @@ def test_missing_teacher_gives_both_remedies(tmp_path):
     err = proc.stderr
     assert "Traceback" not in err
     assert "teacher checkpoint not found" in err
-    assert "pair=tiny distiller=vanilla role=teacher" in err and "cifar_teachers.tar" in err
+    assert f"train it:  python -m rld.teachers train dataset=synthetic pair=tiny " \
+           f"paths.root={tmp_path}" in err and "cifar_teachers.tar" in err
     assert not list(tmp_path.rglob("metrics.json"))
 
 
