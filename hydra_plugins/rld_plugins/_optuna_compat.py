@@ -1,10 +1,14 @@
-"""Every use of Optuna's internals by the `rld_optuna` sweeper, behind one small adapter.
+"""Every use of Optuna's and hydra-optuna-sweeper's internals by the `rld_optuna` sweeper,
+behind one small adapter.
 
 The sweeper needs a few things Optuna's public API does not give:
 
-* the trials as they are in the database now, past the storage's per-process cache (which
-  does not see other sweepers' writes): `Study._storage`, `Study._study_id` and the cache's
-  `_CachedStorage._backend`;
+* the trials as they are in the database now, and writes that reach the database at once:
+  `Study._storage` is replaced by the `RDBStorage` behind Optuna's `_CachedStorage`
+  (`_CachedStorage._backend`), with `Study._study_id`.  Optuna 2's cache keeps this process's
+  running trials in memory and drops a pending write before the database call that fails
+  (`_flush_trial`), so a write retried after a database outage was refused ("already
+  finished") or lost, and the cache never sees other sweepers' writes;
 * a trial pinned to a grid point of its choosing: the grid sampler picks the point of a trial
   from the trial's system attribute `grid_id`, an index into `GridSampler._all_grids`, whose
   columns are `GridSampler._param_names` (its values per name: `GridSampler._search_space`);
@@ -18,19 +22,32 @@ The sweeper needs a few things Optuna's public API does not give:
 * `Study.tell` raising "Study.stop ..." when the grid sampler stops a full grid outside
   `optimize` (harmless here: the sweeper keeps its own count).
 
-Written against optuna 2.10 (pinned by hydra-optuna-sweeper 1.3.0) and checked on 4.9; a new
-Optuna version should need changes here only.
+And of hydra-optuna-sweeper, which changed between 1.3 and 1.4:
+
+* 1.3 gets its sampler instantiated with the sweeper (Hydra 1.3 instantiates plugins
+  recursively); 1.4 gets the sampler's config and instantiates it itself, with Hydra 1.4's
+  `_execution_whitelist_` of allowed targets: `sampler_of`;
+* `OptunaSweeperImpl.__init__` lost `search_space` in 1.4 (`params` only): `impl_args`;
+* `create_params_from_overrides` also returns the delete overrides (`~key`) in 1.4, which
+  `_configure_trials` then takes as a fourth argument: `split_overrides`, `configure_trials`.
+
+Written against optuna 2.10 with hydra-optuna-sweeper 1.3.0 (the released stack, the
+default) and checked on optuna 5.x with hydra-optuna-sweeper 1.4.0rc3 (`make test-next`); a
+new Optuna or sweeper version should need changes here only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from hydra_plugins.hydra_optuna_sweeper import _impl as upstream
+from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 GRID_LOGGER = "optuna.samplers._grid"
@@ -55,12 +72,14 @@ def grid_of(sampler: optuna.samplers.GridSampler) -> Grid:
 
 
 class StudyStore:
-    """A study's storage, read and written directly (not through Optuna's cache)."""
+    """A study's storage, read and written directly: the study itself is switched to the
+    database behind Optuna's cache (see the module's docstring), so make the store before
+    any trial of this process."""
 
     def __init__(self, study: optuna.Study) -> None:
         self.study = study
-        self._storage = study._storage
-        self._backend = getattr(self._storage, "_backend", self._storage)
+        self._backend = getattr(study._storage, "_backend", study._storage)
+        study._storage = self._backend
         self._study_id = study._study_id
 
     def trials(self) -> list[FrozenTrial]:
@@ -70,15 +89,16 @@ class StudyStore:
     def new_grid_trial(self, grid_id: int) -> Trial:
         """A running trial that the study's GridSampler will give `grid_of(sampler).points[
         grid_id]`, whatever point the sampler would have picked."""
-        trial_id = self._storage.create_new_trial(self._study_id)
+        trial_id = self._backend.create_new_trial(self._study_id)
         trial = optuna.trial.Trial(self.study, trial_id)  # the sampler picks some grid id...
-        self._storage.set_trial_system_attr(trial_id, GRID_ID_ATTR, grid_id)  # ...we pin ours
+        self._backend.set_trial_system_attr(trial_id, GRID_ID_ATTR, grid_id)  # ...we pin ours
         return trial
 
-    def fail(self, trial: FrozenTrial, user_attrs: dict[str, Any]) -> bool:
-        """Set `user_attrs` on a running trial of any process, then fail it.  False when the
-        trial finished in the meantime (or another sweeper failed it first)."""
-        trial_id = trial._trial_id
+    def fail(self, trial: FrozenTrial | Trial | int, user_attrs: dict[str, Any]) -> bool:
+        """Set `user_attrs` on a running trial of any process (a trial or its id), then fail
+        it.  False when the trial finished in the meantime (or another sweeper failed it
+        first)."""
+        trial_id = trial if isinstance(trial, int) else trial._trial_id
         try:
             for key, value in user_attrs.items():
                 self._backend.set_trial_user_attr(trial_id, key, value)
@@ -93,12 +113,58 @@ class StudyStore:
 
 def tell(study: optuna.Study, trial: Trial, values: list[float] | None,
          state: TrialState) -> None:
-    """`study.tell`, where the grid sampler's `study.stop()` on a full grid is no error."""
+    """`study.tell`, safe to repeat: a trial already finished (a retry after a tell whose
+    answer a database outage swallowed) is left as it is, and the grid sampler's
+    `study.stop()` on a full grid is no error."""
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return
     try:
         study.tell(trial, values=values, state=state)
     except RuntimeError as e:
         if "Study.stop" not in str(e):
             raise
+
+
+# targets a sampler config may name (what hydra-optuna-sweeper 1.4 allows)
+SAMPLER_TARGETS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+
+
+def sampler_of(sampler: Any) -> Any:
+    """The sampler (a partial for the grid sampler) from what the sweeper was given."""
+    if not OmegaConf.is_config(sampler):
+        return sampler  # Hydra 1.3: instantiated already
+    import hydra
+    from hydra.utils import instantiate
+    from packaging.version import Version
+
+    if Version(hydra.__version__) >= Version("1.4.0.dev0"):
+        return instantiate(sampler, _execution_whitelist_=SAMPLER_TARGETS)
+    return instantiate(sampler)
+
+
+def impl_args(**kwargs: Any) -> list[Any]:
+    """The positional arguments of the installed `OptunaSweeperImpl.__init__`, picked by name
+    from `kwargs` (1.3 takes `search_space`, 1.4 does not)."""
+    names = list(inspect.signature(upstream.OptunaSweeperImpl.__init__).parameters)[1:]
+    if "search_space" not in names and kwargs.get("search_space"):
+        raise ValueError("hydra.sweeper.search_space is gone in hydra-optuna-sweeper 1.4: "
+                         "give the search space as hydra.sweeper.params")
+    return [kwargs.get(n) for n in names]
+
+
+def split_overrides(arguments: Sequence[str]) -> tuple[dict, dict, list[str]]:
+    """(distributions, fixed values, delete overrides `~key`) of sweep overrides; the last
+    is always empty on hydra-optuna-sweeper 1.3."""
+    out = upstream.create_params_from_overrides(list(arguments))
+    return out[0], out[1], list(out[2]) if len(out) > 2 else []
+
+
+def configure_trials(impl: Any, trials: Sequence[Trial], search: dict, fixed: dict,
+                     deletes: Sequence[str]) -> Sequence[Sequence[str]]:
+    """`OptunaSweeperImpl._configure_trials`: the overrides of each trial's job."""
+    if len(inspect.signature(impl._configure_trials).parameters) > 3:  # 1.4: + deletes
+        return impl._configure_trials(list(trials), search, fixed, list(deletes))
+    return impl._configure_trials(list(trials), search, fixed)
 
 
 class _QuietGrid(logging.Filter):
