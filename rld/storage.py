@@ -59,9 +59,15 @@ def redact(url: str) -> str:
 
 def one_line(exc: BaseException) -> str:
     """The first meaningful text of a database error, on one line: the driver's message
-    (`connection refused`, `password authentication failed ...`) without SQLAlchemy's
+    (`connection refused`, `password authentication failed ...`) at the root of the chain
+    (under Optuna's "An exception is raised during the commit"), without SQLAlchemy's
     statement, parameters and background link."""
-    inner = getattr(exc, "orig", None) or exc
+    inner = exc
+    seen = {id(inner)}
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
+        inner = inner.__cause__
+        seen.add(id(inner))
+    inner = getattr(inner, "orig", None) or inner
     text = str(inner).split("\n(Background on this error", 1)[0].split("\n[SQL:", 1)[0]
     text = re.sub(r"\s+", " ", text).strip()
     return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
@@ -87,6 +93,9 @@ def transient(exc: BaseException) -> bool:
         if isinstance(e, sa_exc.OperationalError | sa_exc.InterfaceError
                       | sa_exc.DisconnectionError | sa_exc.TimeoutError):
             return True
+        # a session whose connection was lost mid-transaction (until it is rolled back)
+        if isinstance(e, sa_exc.PendingRollbackError) and "invalid transaction" in str(e):
+            return True
     return False
 
 
@@ -105,6 +114,14 @@ class Backoff:
         come back at the same instant."""
         pause = min(self.max_s, self.first_s * 2 ** attempt) * random.uniform(0.5, 1.0)
         return max(0.0, min(pause, left_s))
+
+    def start(self, fn: Callable[[], T], what: str, race_s: float = 30.0) -> T:
+        """`fn()` at start-up: clients starting together race to create the same tables
+        (integrity or "already exists" errors), retried for race_s; a database that does not
+        answer, for the whole budget."""
+        t0 = time.monotonic()
+        return self.call(fn, what,
+                         when=lambda e: transient(e) or time.monotonic() - t0 < race_s)
 
     def call(self, fn: Callable[[], T], what: str,
              when: Callable[[BaseException], bool] = transient) -> T:
@@ -222,3 +239,25 @@ def check_connection(url: str) -> None:
                            ) from None
     finally:
         engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rld.storage URL`: check a storage URL as the sweeper does (a password typed
+    in it counts as written down); nothing or one line, exit 0 or 2."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m rld.storage URL", file=sys.stderr)
+        return 2
+    try:
+        check_url(args[0], args)
+        check_connection(args[0])
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

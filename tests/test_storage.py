@@ -31,10 +31,16 @@ TINY = ["dataset=synthetic", "pair=tiny", "trainer.epochs=1", "dataset.train_siz
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on (bound once by the OS, then let go)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, below the kernel's ephemeral range: a connection
+    to a closed ephemeral port can draw that port as its own and connect to itself."""
+    for port in range(20000, 32768):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def refused() -> sa.exc.OperationalError:

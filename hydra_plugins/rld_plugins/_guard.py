@@ -31,16 +31,6 @@ from rld.storage import Backoff, engine_kwargs, one_line
 
 log = logging.getLogger(__name__)
 
-# start-up of several sweepers on one database: racing table creation raises integrity or
-# "already exists" errors for a moment; any error is retried for this long
-STARTUP = Backoff(budget_s=30.0, first_s=0.5, max_s=4.0)
-
-
-def startup_retry(fn, what: str):
-    """`fn()`, retried on any error for a short while (see STARTUP)."""
-    return STARTUP.call(fn, what, when=lambda e: True)
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -54,7 +44,8 @@ def pid_alive(pid: int) -> bool:
 class Guard:
     """Sweeper liveness and grid-point claims in tables next to Optuna's."""
 
-    def __init__(self, url: str, study_name: str, heartbeat_s: float, stale_after_s: float):
+    def __init__(self, url: str, study_name: str, heartbeat_s: float, stale_after_s: float,
+                 backoff: Backoff | None = None):
         import sqlalchemy as sa
 
         self.sa = sa
@@ -78,18 +69,24 @@ class Guard:
             sa.Column("point", sa.String(255), primary_key=True),
             sa.Column("owner", sa.String(128), nullable=False),
             sa.Column("since", sa.Float, nullable=False))
-        startup_retry(lambda: meta.create_all(self.engine), "creating the sweeper tables")
+        (backoff or Backoff()).start(lambda: meta.create_all(self.engine),
+                                     "creating the sweeper tables")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- liveness ------------------------------------------------------------------------
     def start(self) -> None:
-        with self.engine.begin() as c:
-            c.execute(self.workers.insert().values(owner=self.owner, host=self.host,
-                                                   pid=self.pid, heartbeat=time.time()))
-        self._thread = threading.Thread(target=self._beat, name="rld-sweeper-heartbeat",
-                                        daemon=True)
-        self._thread.start()
+        """Register this sweeper and start its heartbeat; safe to repeat."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(self.workers.insert().values(owner=self.owner, host=self.host,
+                                                       pid=self.pid, heartbeat=time.time()))
+        except self.sa.exc.IntegrityError:
+            pass  # a repeat after a registration whose answer was lost
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="rld-sweeper-heartbeat",
+                                            daemon=True)
+            self._thread.start()
 
     def _beat(self) -> None:
         failing_since: float | None = None
@@ -160,6 +157,13 @@ class Guard:
             row = c.execute(self.sa.select(self.workers).where(
                 self.workers.c.owner == owner)).first()
         return row is not None and not self._dead(row, time.time())
+
+    def others(self) -> int:
+        """Live sweepers other than this one on this database (any study)."""
+        now = time.time()
+        with self.engine.begin() as c:
+            rows = c.execute(self.sa.select(self.workers)).fetchall()
+        return sum(r.owner != self.owner and not self._dead(r, now) for r in rows)
 
     # -- claims --------------------------------------------------------------------------
     def _insert(self, point: str) -> bool:

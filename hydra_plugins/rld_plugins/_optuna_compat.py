@@ -20,7 +20,12 @@ The sweeper needs a few things Optuna's public API does not give:
 * the grid sampler's logger, `optuna.samplers._grid`, and the text of its warning that it
   "is re-evaluating a configuration" (the sweeper re-runs errored points on purpose);
 * `Study.tell` raising "Study.stop ..." when the grid sampler stops a full grid outside
-  `optimize` (harmless here: the sweeper keeps its own count).
+  `optimize` (harmless here: the sweeper keeps its own count);
+* optuna 2's `RDBStorage._create_new_trial` retries an `OperationalError` forever (its retry
+  counter is never increased): while the database is unreachable it spins without a pause or
+  an end.  Its engine (`RDBStorage.engine`) turns a refused or lost connection into a
+  `DisconnectionError`, which that loop does not catch and the sweeper retries with its
+  budget: `_end_spinning`.
 
 And of hydra-optuna-sweeper, which changed between 1.3 and 1.4:
 
@@ -50,6 +55,7 @@ from hydra_plugins.hydra_optuna_sweeper import _impl as upstream
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+OPTUNA_MAJOR = int(optuna.__version__.split(".")[0])
 GRID_LOGGER = "optuna.samplers._grid"
 GRID_ID_ATTR = "grid_id"
 GRID_REEVALUATES = "is re-evaluating a configuration"
@@ -81,6 +87,8 @@ class StudyStore:
         self._backend = getattr(study._storage, "_backend", study._storage)
         study._storage = self._backend
         self._study_id = study._study_id
+        if isinstance(self._backend, optuna.storages.RDBStorage) and OPTUNA_MAJOR < 3:
+            _end_spinning(self._backend.engine)
 
     def trials(self) -> list[FrozenTrial]:
         """Every trial of the study, fresh from the database (not to be modified)."""
@@ -109,6 +117,19 @@ class StudyStore:
         except RuntimeError:  # optuna 3+: UpdateFinishedTrialError, a RuntimeError
             return False
         return True
+
+
+def _end_spinning(engine: Any) -> None:
+    """Raise a connection that fails to open, or is lost, as DisconnectionError (see the
+    module's docstring); errors on a live connection (a deadlock) stay OperationalError."""
+    import sqlalchemy as sa
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _disconnected(context: Any) -> None:
+        error = context.original_exception
+        lost = context.is_disconnect or context.connection is None
+        if lost and isinstance(context.sqlalchemy_exception, sa.exc.OperationalError):
+            raise sa.exc.DisconnectionError(str(error).strip()) from error
 
 
 def tell(study: optuna.Study, trial: Trial, values: list[float] | None,

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -52,7 +53,7 @@ from rld.storage import (
     redact,
 )
 
-from ._guard import Guard, startup_retry
+from ._guard import Guard
 from ._optuna_compat import (
     Grid,
     StudyStore,
@@ -117,9 +118,10 @@ def _file_lock(path: Path):
 
 
 @contextlib.contextmanager
-def _startup_lock(url: str | None) -> Iterator[None]:
-    """Serialise the start-up (table creation) of sweepers on one database: a file lock
-    for sqlite, an advisory lock on PostgreSQL; elsewhere the start-up retries cover it."""
+def _startup_lock(url: str | None, backoff: Backoff) -> Iterator[None]:
+    """Serialise the start-up (table creation, registration) of sweepers on one database: a
+    file lock for sqlite, an advisory lock on PostgreSQL (dropped by the server if the
+    connection is lost); elsewhere the start-up retries cover it."""
     path = _sqlite_path(url) if url else None
     if path is not None:
         with _file_lock(path):
@@ -131,15 +133,24 @@ def _startup_lock(url: str | None) -> Iterator[None]:
     import sqlalchemy as sa
 
     engine = sa.create_engine(url, **engine_kwargs(url))
-    try:
-        with engine.connect() as c:
+
+    def lock() -> Any:
+        c = engine.connect()
+        try:
             c.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": STARTUP_LOCK})
-            try:
-                yield
-            finally:
-                with contextlib.suppress(Exception):  # a lost connection drops it anyway
-                    c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": STARTUP_LOCK})
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    c = backoff.call(lock, "waiting for other sweepers to start")
+    try:
+        yield
     finally:
+        with contextlib.suppress(Exception):  # a lost connection has dropped it already
+            c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": STARTUP_LOCK})
+        with contextlib.suppress(Exception):
+            c.close()
         engine.dispose()
 
 
@@ -202,6 +213,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         self.store: StudyStore | None = None
         self.url: str | None = None
         self._numbers: dict[int, int] = {}  # id(trial) -> its number, known without a query
+        self._company = (0, 0)  # trials in the study and other live sweepers, at start
         self._space: tuple[dict, dict, list[str]] = ({}, {}, [])  # search, fixed, deletes
 
     # -- the database --------------------------------------------------------------------
@@ -270,19 +282,26 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         if url:
             self._check_storage(url)
         self.url = url
-        with _startup_lock(url):
+        start = self.backoff.start
+        with _startup_lock(url, self.backoff):
             if url:
-                storage = startup_retry(lambda: optuna.storages.RDBStorage(
+                storage = start(lambda: optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs(url)), "opening the Optuna storage")
-            study = startup_retry(lambda: optuna.create_study(
+            study = start(lambda: optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
                 directions=directions, load_if_exists=True), "creating the study")
             self.store = StudyStore(study)  # before any trial: no cache between us and the DB
             if url:
-                self.guard = Guard(url, study.study_name, self.heartbeat_s, self.stale_after_s)
+                self.guard = Guard(url, study.study_name, self.heartbeat_s, self.stale_after_s,
+                                   self.backoff)
+                # registered under the start-up lock: a sweeper starting next sees this one
+                start(self.guard.start, "registering this sweeper")
             elif storage is not None:
                 log.warning("storage %r is not a URL: no guard against other sweepers",
                             storage)
+            self._company = self._db(lambda: (
+                len(self._all_trials()), self.guard.others() if self.guard else 0),
+                "reading the study")
         log.info("Study %s in %s (%s)", study.study_name,
                  redact(url) if url else type(storage).__name__, type(self.sampler).__name__)
         return study
@@ -444,11 +463,9 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             grid = {name: self._to_grid_sampler_choices(d) for name, d in search.items()}
             self.sampler = self.sampler(grid)
         directions = self._get_directions()
-        study = self._open_study(directions)
         ok = False
         try:
-            if self.guard is not None:
-                self._db(self.guard.start, "registering this sweeper")
+            study = self._open_study(directions)
             with quiet_grid_sampler():
                 if is_grid:
                     self._sweep_grid(study)
@@ -574,10 +591,28 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             to_go = int(self.n_trials) - used
             return [self._new_trial(study) for _ in range(min(batch_size, max(0, to_go)))]
 
+    def _own_draws(self, study: optuna.Study) -> None:
+        """A seeded sampler draws the same points in every process that starts it: a sweeper
+        joining a study that has trials, or other live sweepers, gets a seed of its own,
+        derived from the seed, the trials and the sweepers it found (a lone sweeper on a new
+        study keeps the configured seed: its study is reproducible)."""
+        conf = self.config.hydra.sweeper.get("sampler")
+        if conf is None or conf.get("seed") is None or self._company == (0, 0):
+            return
+        trials, others = self._company
+        seed = zlib.crc32(f"{conf.seed}:{trials}:{others}".encode()) & 0x7FFFFFFF
+        own = OmegaConf.create(OmegaConf.to_container(conf, resolve=True))
+        own.seed = seed
+        self.sampler = study.sampler = sampler_of(own)
+        log.info("sampler seed %s -> %d: the study has %d trial(s) and %d other live "
+                 "sweeper(s); this sweeper draws its own points", conf.seed, seed, trials,
+                 others)
+
     def _sweep_budget(self, study: optuna.Study, directions: list[str]) -> None:
         if self.n_trials is None:
             raise ValueError("hydra.sweeper.n_trials (hparams.n_trials) must be set for "
                              f"sampler {type(self.sampler).__name__}")
+        self._own_draws(study)
         batch_size = self._batch_size()
         while True:
             for params in self._db(self._fail_orphans, "looking for stopped sweepers"):

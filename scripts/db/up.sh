@@ -42,10 +42,18 @@ chown "$OWNER" "$STATE/log" "$STATE/socket"
 chmod 700 "$STATE/socket"
 
 if [ ! -f "$STATE/port" ]; then
-    # a free port on the loopback interface (54329 upwards unless RLD_PG_PORT says otherwise)
+    # a free port on the loopback interface, outside the kernel's ephemeral range: a client
+    # retrying a stopped server on an ephemeral port can draw that very port as its own and
+    # connect to itself (TCP self-connect), then wait on its own packets and hold the port
     port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-    PORT=${RLD_PG_PORT:-54329}
-    while ! port_free "$PORT"; do PORT=$((PORT + 1)); done
+    read -r EPH_LO EPH_HI < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null \
+        || { EPH_LO=32768; EPH_HI=60999; }
+    ephemeral() { [ "$1" -ge "$EPH_LO" ] && [ "$1" -le "$EPH_HI" ]; }
+    PORT=${RLD_PG_PORT:-25432}
+    while ephemeral "$PORT" || ! port_free "$PORT"; do
+        PORT=$((PORT + 1))
+        [ "$PORT" -le 65535 ] || { echo "up.sh: no free port outside $EPH_LO-$EPH_HI" >&2; exit 1; }
+    done
     echo "$PORT" > "$STATE/port"
 fi
 PORT=$(cat "$STATE/port")
