@@ -13,7 +13,9 @@ The sweeper needs a few things Optuna's public API does not give:
   from the trial's system attribute `grid_id`, an index into `GridSampler._all_grids`, whose
   columns are `GridSampler._param_names` (its values per name: `GridSampler._search_space`);
   the trial is made with `Trial(study, trial_id)` (a constructor Optuna calls "not for direct
-  use") on a trial created with `BaseStorage.create_new_trial`;
+  use") on a trial created with `BaseStorage.create_new_trial` from a template trial that
+  carries its owner and point (and `fixed_params` for a trial run again), so that it never
+  exists without them; the GridSampler's own attribute for its grid is `search_space`;
 * failing a running trial of another (dead) process, known only as a `FrozenTrial`:
   `FrozenTrial._trial_id`, and `BaseStorage.set_trial_state` (optuna 2) /
   `BaseStorage.set_trial_state_values` (optuna >= 3);
@@ -46,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +61,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 OPTUNA_MAJOR = int(optuna.__version__.split(".")[0])
 GRID_LOGGER = "optuna.samplers._grid"
 GRID_ID_ATTR = "grid_id"
+GRID_SPACE_ATTR = "search_space"
+FIXED_PARAMS_ATTR = "fixed_params"  # what enqueue_trial sets: the points a trial must take
 GRID_REEVALUATES = "is re-evaluating a configuration"
 
 
@@ -94,13 +99,41 @@ class StudyStore:
         """Every trial of the study, fresh from the database (not to be modified)."""
         return self._backend.get_all_trials(self._study_id, deepcopy=False)
 
-    def new_grid_trial(self, grid_id: int) -> Trial:
-        """A running trial that the study's GridSampler will give `grid_of(sampler).points[
-        grid_id]`, whatever point the sampler would have picked."""
-        trial_id = self._backend.create_new_trial(self._study_id)
-        trial = optuna.trial.Trial(self.study, trial_id)  # the sampler picks some grid id...
-        self._backend.set_trial_system_attr(trial_id, GRID_ID_ATTR, grid_id)  # ...we pin ours
+    def create(self, user_attrs: dict[str, Any], system_attrs: dict[str, Any]) -> int:
+        """A running trial with these attributes, made in one transaction (so no other
+        process ever sees it without them): its id.  Through `create_new_trial`'s template
+        trial; `system_attrs` may hold `fixed_params` (the points of a trial run again) or a
+        grid point (`grid_attrs`)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            template = optuna.trial.create_trial(state=TrialState.RUNNING,
+                                                 user_attrs=user_attrs,
+                                                 system_attrs=system_attrs)
+        return self._backend.create_new_trial(self._study_id, template_trial=template)
+
+    def grid_attrs(self, grid_id: int) -> dict[str, Any]:
+        """The system attributes that pin a trial to grid point `grid_id` of the study's
+        GridSampler (`grid_of(sampler).points[grid_id]`)."""
+        return {GRID_ID_ATTR: grid_id, GRID_SPACE_ATTR: self.study.sampler._search_space}
+
+    @staticmethod
+    def rerun_attrs(params: dict[str, Any]) -> dict[str, Any]:
+        """The system attributes that make a trial take `params` (as `enqueue_trial` does)."""
+        return {FIXED_PARAMS_ATTR: dict(params)}
+
+    def open(self, trial_id: int, grid_id: int | None = None) -> Trial:
+        """The `Trial` of a created trial, prepared by the study's sampler; safe to repeat.
+        Optuna 2's GridSampler draws a grid point for every new `Trial` whatever the trial
+        says: `grid_id` is pinned again after it."""
+        trial = optuna.trial.Trial(self.study, trial_id)
+        if grid_id is not None:
+            self._backend.set_trial_system_attr(trial_id, GRID_ID_ATTR, grid_id)
         return trial
+
+    def new_grid_trial(self, grid_id: int, user_attrs: dict[str, Any] | None = None) -> Trial:
+        """A running trial that the study's GridSampler gives `grid_of(sampler).points[
+        grid_id]`, whatever point the sampler would have picked."""
+        return self.open(self.create(user_attrs or {}, self.grid_attrs(grid_id)), grid_id)
 
     def fail(self, trial: FrozenTrial | Trial | int, user_attrs: dict[str, Any]) -> bool:
         """Set `user_attrs` on a running trial of any process (a trial or its id), then fail

@@ -214,6 +214,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         self.url: str | None = None
         self._numbers: dict[int, int] = {}  # id(trial) -> its number, known without a query
         self._company = (0, 0)  # trials in the study and other live sweepers, at start
+        self._resume: list[dict[str, Any]] = []  # points of interrupted trials to run again
         self._space: tuple[dict, dict, list[str]] = ({}, {}, [])  # search, fixed, deletes
 
     # -- the database --------------------------------------------------------------------
@@ -349,12 +350,21 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                     orphans.append(dict(t.params))
         return orphans
 
-    def _new_trial(self, study: optuna.Study, grid_id: int | None = None) -> optuna.Trial:
+    def _new_trial(self, grid_id: int | None = None,
+                   params: dict[str, Any] | None = None) -> optuna.Trial:
+        """A running trial of this sweeper, made with its owner and its grid point (or the
+        `params` of an interrupted trial run again) in one transaction, then opened by the
+        sampler.  Retried as a whole while the database is away, reusing a trial already
+        made: a retry never leaves a second one behind."""
         assert self.store is not None
+        system = (self.store.grid_attrs(grid_id) if grid_id is not None
+                  else self.store.rerun_attrs(params) if params else {})
+        made: list[int] = []
 
         def make() -> optuna.Trial:
-            trial = study.ask() if grid_id is None else self.store.new_grid_trial(grid_id)
-            trial.set_user_attr(OWNER_ATTR, self._owner)
+            if not made:
+                made.append(self.store.create({OWNER_ATTR: self._owner}, system))
+            trial = self.store.open(made[0], grid_id)
             self._numbers[id(trial)] = trial.number
             return trial
 
@@ -543,7 +553,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             tried.update(batch)
             held = [keys[i] for i in batch]
             try:
-                trials = [self._new_trial(study, grid_id=i) for i in batch]
+                trials = [self._new_trial(grid_id=i) for i in batch]
                 overrides = self._configure(study, trials)
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
@@ -580,7 +590,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                     n += alive[owner]
         return n
 
-    def _start_budgeted(self, study: optuna.Study, batch_size: int) -> list[optuna.Trial]:
+    def _start_budgeted(self, batch_size: int) -> list[optuna.Trial]:
         """The next batch of a budgeted study, counted and started under the budget claim so
         that sweepers sharing the study never start more than n_trials together."""
         hold = (self.guard.hold(BUDGET_CLAIM, call=self._db) if self.guard is not None
@@ -588,8 +598,11 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         with hold:
             used = self._db(lambda: self._budget_used(self._all_trials()),
                             "counting the study's trials")
-            to_go = int(self.n_trials) - used
-            return [self._new_trial(study) for _ in range(min(batch_size, max(0, to_go)))]
+            n = min(batch_size, max(0, int(self.n_trials) - used))
+            # interrupted trials first, on their own points: their runs resume
+            resume = [self._resume.pop(0) for _ in range(min(n, len(self._resume)))]
+            return ([self._new_trial(params=p) for p in resume]
+                    + [self._new_trial() for _ in range(n - len(resume))])
 
     def _own_draws(self, study: optuna.Study) -> None:
         """A seeded sampler draws the same points in every process that starts it: a sweeper
@@ -615,11 +628,8 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         self._own_draws(study)
         batch_size = self._batch_size()
         while True:
-            for params in self._db(self._fail_orphans, "looking for stopped sweepers"):
-                # the interrupted run resumes from its checkpoint
-                self._db(functools.partial(study.enqueue_trial, params),
-                         "queueing an interrupted trial again")
-            trials = self._start_budgeted(study, batch_size)
+            self._resume += self._db(self._fail_orphans, "looking for stopped sweepers")
+            trials = self._start_budgeted(batch_size)
             if not trials:
                 break
             overrides = self._configure(study, trials)

@@ -54,4 +54,4 @@ bash scripts/db/up.sh "$STATE" > "$STATE/env"
 # shellcheck disable=SC1091
 source "$STATE/env"
 echo "db-test: PostgreSQL up on 127.0.0.1:$(cat "$STATE/port") ($STATE)"
-"$PY" -m pytest tests/db -m db -p no:cacheprovider -v "$@"
+"$PY" -m pytest tests/db -m db -p no:cacheprovider -v -s --durations=0 "$@"
