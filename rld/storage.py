@@ -119,9 +119,15 @@ class Backoff:
         """`fn()` at start-up: clients starting together race to create the same tables
         (integrity or "already exists" errors), retried for race_s; a database that does not
         answer, for the whole budget."""
+        from sqlalchemy.exc import SQLAlchemyError
+
         t0 = time.monotonic()
-        return self.call(fn, what,
-                         when=lambda e: transient(e) or time.monotonic() - t0 < race_s)
+
+        def race(e: BaseException) -> bool:
+            raced = any(isinstance(x, SQLAlchemyError) for x in _chain(e))
+            return transient(e) or (raced and time.monotonic() - t0 < race_s)
+
+        return self.call(fn, what, when=race)
 
     def call(self, fn: Callable[[], T], what: str,
              when: Callable[[BaseException], bool] = transient) -> T:
@@ -194,34 +200,34 @@ def literal_password(url: str, saved: Iterable[str]) -> bool:
     return False
 
 
-def check_url(url: str, saved: Iterable[str] = ()) -> None:
-    """Raise StorageError (one line) for a URL SQLAlchemy cannot parse, whose driver is not
-    installed, or whose password is written in `saved`.  Connects to nothing."""
+def check_url(url: str, saved: Iterable[str] = (), key: str = KEY) -> None:
+    """Raise StorageError (one line, naming `key`) for a URL SQLAlchemy cannot parse, whose
+    driver is not installed, or whose password is written in `saved`.  Connects to nothing."""
     import sqlalchemy as sa
     from sqlalchemy.engine.url import make_url
 
     try:
         u = make_url(url)
     except sa.exc.ArgumentError:
-        raise StorageError(f"{KEY}={redact(url)!r} is not a database URL: use "
+        raise StorageError(f"{key}={redact(url)!r} is not a database URL: use "
                            "sqlite:///path/optuna.db or postgresql://user@host:port/db, or "
                            "null for <sweep dir>/optuna.db") from None
     if literal_password(url, saved):
-        raise StorageError(f"{KEY}: the password of {redact(url)} is written in the config or "
+        raise StorageError(f"{key}: the password of {redact(url)} is written in the config or "
                            f"on the command line, where Hydra saves it; {SAFE_WAYS}")
     try:
         sa.create_engine(u).dispose()  # loads the dialect and imports its driver
     except sa.exc.NoSuchModuleError:
-        raise StorageError(f"{KEY}={redact(url)}: no SQLAlchemy dialect "
+        raise StorageError(f"{key}={redact(url)}: no SQLAlchemy dialect "
                            f"'{u.drivername}' (postgresql://, sqlite:///, mysql://, ...)"
                            ) from None
     except ImportError as e:
         hint = POSTGRES_HINT if e.name in POSTGRES_DRIVERS else f"pip install {e.name}"
-        raise StorageError(f"{KEY}={redact(url)}: its driver ({e.name}) is not installed: "
+        raise StorageError(f"{key}={redact(url)}: its driver ({e.name}) is not installed: "
                            f"{hint}") from None
 
 
-def check_connection(url: str) -> None:
+def check_connection(url: str, key: str = KEY) -> None:
     """Connect once and ask the server for nothing: a one-line StorageError for a host that
     does not answer or refuses the credentials, before any work starts."""
     import sqlalchemy as sa
@@ -235,7 +241,7 @@ def check_connection(url: str) -> None:
         hint = ""
         if "password" in text and "postgresql" in url:
             hint = f"; {SAFE_WAYS}"
-        raise StorageError(f"{KEY}: cannot use the database {redact(url)}: {text}{hint}"
+        raise StorageError(f"{key}: cannot use the database {redact(url)}: {text}{hint}"
                            ) from None
     finally:
         engine.dispose()
@@ -243,7 +249,8 @@ def check_connection(url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m rld.storage URL`: check a storage URL as the sweeper does (a password typed
-    in it counts as written down); nothing or one line, exit 0 or 2."""
+    in it counts as written down): `make dashboard STORAGE=...`; nothing or one line, exit 0
+    or 2."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -251,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m rld.storage URL", file=sys.stderr)
         return 2
     try:
-        check_url(args[0], args)
-        check_connection(args[0])
+        check_url(args[0], args, key="STORAGE")
+        check_connection(args[0], key="STORAGE")
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

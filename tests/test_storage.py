@@ -137,6 +137,39 @@ def test_backoff_retries_within_its_budget_and_says_so(caplog):
     assert calls == [1]  # not a transient error: no retry
 
 
+def test_start_up_retries_races_but_not_other_errors():
+    """Sweepers starting together race to create tables (integrity errors): retried for a
+    while; anything else (an incompatible schema) is raised at once."""
+    calls = []
+
+    def racing():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sa.exc.IntegrityError("CREATE TABLE", {}, Exception("already exists"))
+        return "tables"
+
+    backoff = Backoff(budget_s=5.0, first_s=0.01, max_s=0.02)
+    assert backoff.start(racing, "creating tables") == "tables" and len(calls) == 3
+
+    def schema():
+        calls.append(1)
+        raise RuntimeError("no longer compatible with the table schema")
+
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        backoff.start(schema, "opening the storage")
+    assert calls == [1]
+
+    def endless():
+        calls.append(time.monotonic())
+        raise sa.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    calls.clear()
+    with pytest.raises(sa.exc.IntegrityError):  # a "race" that never ends: not after race_s
+        backoff.start(endless, "creating tables", race_s=0.1)
+    assert 2 <= len(calls) and calls[-1] - calls[0] < 1.0
+
+
 def test_backoff_waits_out_a_locked_sqlite_database(tmp_path):
     """A real transient error: another connection holds the write lock for a while."""
     path = tmp_path / "o.db"

@@ -275,6 +275,18 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         except StorageError as e:
             _stop(str(e), BAD_STORAGE)
 
+    def _rdb_storage(self, url: str) -> optuna.storages.RDBStorage:
+        """Optuna's storage on `url`; a schema this Optuna cannot use (a study written by
+        optuna 2, opened by optuna 4+: `optuna storage upgrade`) is one line."""
+        try:
+            return self.backoff.start(lambda: optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs(url)), "opening the Optuna storage")
+        except RuntimeError as e:
+            if "schema" not in str(e):
+                raise
+            _stop(f"{KEY}={redact(url)}: {e}".replace("$STORAGE_URL", redact(url)),
+                  BAD_STORAGE)
+
     def _open_study(self, directions: list[str]) -> optuna.Study:
         storage = self.storage
         if storage is None:
@@ -286,8 +298,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         start = self.backoff.start
         with _startup_lock(url, self.backoff):
             if url:
-                storage = start(lambda: optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs(url)), "opening the Optuna storage")
+                storage = self._rdb_storage(url)
             study = start(lambda: optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
                 directions=directions, load_if_exists=True), "creating the study")

@@ -240,7 +240,11 @@ def test_two_tpe_sweepers_keep_the_budget(study, sweepers):
     for _ in range(2):
         sweepers.start(study, "hparams=tpe", "hparams.n_trials=5", "hparams.n_jobs=2")
     sweepers.finish()
-    check_study(study, 5)
+    trials = check_study(study, 5)
+    owners = Counter(t.user_attrs["rld_owner"] for t in trials)
+    points_ = {(t.params["distiller.beta"], t.params["distiller.tau"]) for t in trials}
+    assert len(points_) == 5  # the two sweepers drew their own points (seeds of their own)
+    print(f"2 TPE sweepers, n_trials=5: trials per sweeper {sorted(owners.values())}")
 
 
 def test_killed_sweeper_releases_its_claims_and_the_rerun_finishes(study, sweepers):
@@ -270,6 +274,7 @@ def test_killed_sweeper_releases_its_claims_and_the_rerun_finishes(study, sweepe
     trials = check_study(study, 3, points(betas, taus), interrupted=1)
     (failed,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed.number == victim.number
+    print(f"SIGKILL mid-trial, rerun: {Counter(t.state.name for t in trials)}")
 
 
 # ------------------------------------------------------------------------ server faults
