@@ -492,6 +492,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                     self._sweep_grid(study)
                 else:
                     self._sweep_budget(study, directions)
+            self._db(lambda: self._write_results(study, directions), "writing the results")
             ok = True
         except StorageUnavailable as e:
             _stop(f"{KEY}={redact(self.url or '')}: {e}. The runs launched so far keep their "
@@ -499,7 +500,6 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                   DATABASE_GONE)
         finally:
             self._wind_down(ok)
-        self._db(lambda: self._write_results(study, directions), "writing the results")
 
     def _settled(self, names: Sequence[str]) -> set[tuple]:
         """Grid points (values in the order of `names`) that are not to run again: those with

@@ -309,6 +309,9 @@ def test_server_restarts_mid_sweep_cost_a_pause_not_the_sweep(pg, pg_study, swee
     betas, taus = [2, 4, 8, 16], [2, 4]
     for _ in range(2):
         sweepers.start(pg_study, *grid(betas, taus), *LONGER, "hydra.sweeper.heartbeat_s=1")
+    # past their start (a server unreachable at start is a one-line error, by design)
+    wait_for(lambda: all("grid of " in sweepers.text(i) for i in range(2)), 300,
+             "both sweepers to open the study")
     survived = [restart_mid_trial(pg, pg_study, sweepers) for _ in range(2)]
     sweepers.finish()
     check_study(pg_study, 8, points(betas, taus))
