@@ -70,7 +70,8 @@ def test_grid_preset_follows_the_dataset_grid():
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("RldOptunaSweeper")
     assert sweeper.sampler._target_ == "optuna.samplers.GridSampler"
-    assert "seed" not in sweeper.sampler  # picked through the sampler group, not _target_
+    # picked through the sampler group, not _target_ (1.4's GridSampler config has a seed)
+    assert sweeper.sampler.get("seed") is None
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert sweeper.n_trials is None  # the whole grid, not the plugin's default of 20
     params = OmegaConf.to_container(sweeper.params, resolve=True)
@@ -103,8 +104,10 @@ def test_list_params_become_choices():
 
     from hydra_plugins.rld_plugins._sweeper import RldOptunaSweeperImpl
 
-    impl = RldOptunaSweeperImpl(None, "maximize", None, None, None, None, 1.0, None, None,
-                                OmegaConf.create({"a": [2, 4.5], "b": ["x"], "c": "range(3)"}))
+    impl = RldOptunaSweeperImpl(
+        sampler=None, direction="maximize", storage=None, study_name=None, n_trials=None,
+        n_jobs=None, max_failure_rate=1.0, custom_search_space=None,
+        params=OmegaConf.create({"a": [2, 4.5], "b": ["x"], "c": "range(3)"}))
     assert impl._parse_sweeper_params_config() == ["a=choice(2,4.5)", "b=choice('x')",
                                                    "c=range(3)"]
 
@@ -146,6 +149,7 @@ def test_guard_claims_are_exclusive_and_dead_sweepers_release(tmp_path):
     a.reap()
     assert a.claim("p2")
     a.stop()
+    a.leave()
     with a.engine.begin() as c:
         assert c.execute(a.sa.select(a.claims)).fetchall() == []
 

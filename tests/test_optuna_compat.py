@@ -86,3 +86,36 @@ def test_quiet_grid_sampler_hides_the_reevaluation_warning(caplog):
             assert caplog.text == ""
     finally:
         optuna.logging.disable_propagation()
+
+
+def test_trial_creation_ends_when_the_database_is_gone(tmp_path):
+    """optuna 2's RDBStorage spins forever creating a trial while the database cannot be
+    opened; through the store it raises at once (a transient error the sweeper retries with
+    its budget)."""
+    import shutil
+    import threading
+
+    from rld.storage import transient
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    study = optuna.create_study(
+        study_name="s", direction="maximize", sampler=optuna.samplers.GridSampler(SEARCH),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{folder}/o.db"))
+    store = StudyStore(study)
+    store.new_grid_trial(0)  # works while the file is there
+    store._backend.engine.dispose()  # no pooled connection to the old file
+    shutil.rmtree(folder)
+    raised: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            store.new_grid_trial(1)
+        except Exception as e:  # noqa: BLE001 - what the sweeper would see
+            raised.append(e)
+
+    worker = threading.Thread(target=create, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "trial creation still spinning after 20s"
+    assert len(raised) == 1 and transient(raised[0]), raised

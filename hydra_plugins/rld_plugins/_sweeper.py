@@ -9,42 +9,88 @@ Bookkeeping, all in the study's own database so that any SQLAlchemy URL works:
 
 A sweeper whose heartbeat is older than `stale_after_s` (or whose process is gone, on this
 host) is dead: its claims are dropped and its running trials failed as `interrupted`, so
-their points are run again (resuming from the run's checkpoint).  Optuna's internals are
-reached through `_optuna_compat` only.
+their points are run again (resuming from the run's checkpoint).  Optuna's and
+hydra-optuna-sweeper's internals are reached through `_optuna_compat` only.
+
+The storage URL is checked before any work (`rld.storage`: parseable, driver installed, no
+password written where Hydra saves it, server reachable with these credentials); a failure is
+one line.  Every later database call of the sweeper is retried with a bounded back-off
+(`storage_retry_s` in all, `rld.storage.Backoff`) so a server restart costs a pause, not the
+sweep; a server that stays away ends the sweeper with one line, and the runs it launched keep
+their results on disk for the next run of the same command.  The TPE budget is counted and
+spent under a claim (`Guard.hold`), so several sweepers never exceed `n_trials` together.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+import sys
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
-logging.getLogger("alembic").setLevel(logging.WARNING)  # RDBStorage's schema chatter
+import optuna
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
-import optuna  # noqa: E402
-from hydra_plugins.hydra_optuna_sweeper._impl import (  # noqa: E402
-    OptunaSweeperImpl,
-    create_params_from_overrides,
+from rld.storage import (
+    KEY,
+    Backoff,
+    StorageError,
+    StorageUnavailable,
+    check_connection,
+    check_url,
+    engine_kwargs,
+    one_line,
+    redact,
 )
-from omegaconf import OmegaConf  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
 
-from ._guard import Guard, engine_kwargs, retry  # noqa: E402
-from ._optuna_compat import Grid, StudyStore, grid_of, quiet_grid_sampler, tell  # noqa: E402
+from ._guard import Guard
+from ._optuna_compat import (
+    Grid,
+    StudyStore,
+    configure_trials,
+    grid_of,
+    impl_args,
+    quiet_grid_sampler,
+    sampler_of,
+    split_overrides,
+    tell,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OWNER_ATTR = "rld_owner"
 STATE_ATTR = "rld_state"
 RUN_DIR_ATTR = "rld_run_dir"
 # the study's file when hydra.sweeper.storage is null: beside the sweep's runs
 DEFAULT_DB = "optuna.db"
+# the claim under which a sweeper counts and starts trials of a budgeted (non-grid) study
+BUDGET_CLAIM = "@budget"
+# PostgreSQL advisory lock that serialises sweepers creating the tables of one database
+STARTUP_LOCK = 0x726C64  # "rld"
+
+
+BAD_STORAGE, DATABASE_GONE = 2, 1  # exit codes of `_stop`
+
+
+def _stop(message: str, code: int) -> NoReturn:
+    """End the sweeper with `message` as its only line on stderr (an exception would reach
+    Hydra, which adds a traceback or its HYDRA_FULL_ERROR hint): bad storage before any work
+    (BAD_STORAGE, as `rld.train` exits on bad input) or a database that stayed away
+    (DATABASE_GONE).  The `finally` blocks on the way out still run."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 def default_storage(sweep_dir: str) -> str:
@@ -61,27 +107,64 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(u.database)
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine.url import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for logging
-        return "<storage>"
-
-
 @contextlib.contextmanager
-def _file_lock(path: Path | None):
-    """Serialise start-up (table creation) of several sweepers on one sqlite file."""
-    if path is None:
-        yield
-        return
+def _file_lock(path: Path):
     with open(f"{path}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _startup_lock(url: str | None, backoff: Backoff) -> Iterator[None]:
+    """Serialise the start-up (table creation, registration) of sweepers on one database: a
+    file lock for sqlite, an advisory lock on PostgreSQL (dropped by the server if the
+    connection is lost); elsewhere the start-up retries cover it."""
+    path = _sqlite_path(url) if url else None
+    if path is not None:
+        with _file_lock(path):
+            yield
+        return
+    if not url or not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, **engine_kwargs(url))
+
+    def lock() -> Any:
+        c = engine.connect()
+        try:
+            c.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": STARTUP_LOCK})
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    c = backoff.call(lock, "waiting for other sweepers to start")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a lost connection has dropped it already
+            c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": STARTUP_LOCK})
+        with contextlib.suppress(Exception):
+            c.close()
+        engine.dispose()
+
+
+def _strings(node: Any) -> Iterator[str]:
+    """Every string in a container (the config as Hydra saves it)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(node, list | tuple):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
 
 
 def _value_str(v: Any) -> str:
@@ -114,14 +197,38 @@ def run_status(run_dir: str | None) -> str | None:
 
 
 class RldOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *args: Any, results_file: str | None = None, heartbeat_s: float = 30.0,
-                 stale_after_s: float = 600.0) -> None:
-        super().__init__(*args)
+    def __init__(self, *, results_file: str | None = None, heartbeat_s: float = 30.0,
+                 stale_after_s: float = 600.0, storage_retry_s: float = 300.0,
+                 **upstream: Any) -> None:
+        upstream["sampler"] = sampler_of(upstream.get("sampler"))
+        super().__init__(*impl_args(**upstream))
         self.results_file = results_file
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
+        if not storage_retry_s or float(storage_retry_s) < 0:
+            raise ValueError(f"hydra.sweeper.storage_retry_s={storage_retry_s!r}: seconds "
+                             "of retrying a database that does not answer, > 0")
+        self.backoff = Backoff(budget_s=float(storage_retry_s))
         self.guard: Guard | None = None
         self.store: StudyStore | None = None
+        self.url: str | None = None
+        self._numbers: dict[int, int] = {}  # id(trial) -> its number, known without a query
+        self._company = (0, 0)  # trials in the study and other live sweepers, at start
+        self._resume: list[dict[str, Any]] = []  # points of interrupted trials to run again
+        self._space: tuple[dict, dict, list[str]] = ({}, {}, [])  # search, fixed, deletes
+
+    # -- the database --------------------------------------------------------------------
+    def _db(self, fn: Callable[[], T], what: str) -> T:
+        """`fn()`, retried while the database is unreachable (within storage_retry_s)."""
+        return self.backoff.call(fn, what)
+
+    @staticmethod
+    def _once(fn: Callable[[], Any], what: str) -> None:
+        """`fn()` once, on the way out after an error: a failure is only logged."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - do not hide the error that brought us here
+            log.warning("%s failed: %s", what, one_line(e))
 
     # -- configuration -------------------------------------------------------------------
     def _parse_sweeper_params_config(self) -> list[str]:
@@ -155,40 +262,85 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             return os.cpu_count() or 1 if n < 0 else max(1, n)
         return 1
 
+    def _check_storage(self, url: str) -> None:
+        """Before any work: a URL that parses, an installed driver, no password where
+        Hydra saves it, a server that answers to these credentials; else one line."""
+        path = _sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        saved = _strings(OmegaConf.to_container(self.config, resolve=False))
+        try:
+            check_url(url, saved)
+            check_connection(url)
+        except StorageError as e:
+            _stop(str(e), BAD_STORAGE)
+
+    def _rdb_storage(self, url: str) -> optuna.storages.RDBStorage:
+        """Optuna's storage on `url`; a schema this Optuna cannot use (a study written by
+        optuna 2, opened by optuna 4+: `optuna storage upgrade`) is one line."""
+        try:
+            return self.backoff.start(lambda: optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs(url)), "opening the Optuna storage")
+        except RuntimeError as e:
+            if "schema" not in str(e):
+                raise
+            _stop(f"{KEY}={redact(url)}: {e}".replace("$STORAGE_URL", redact(url)),
+                  BAD_STORAGE)
+
     def _open_study(self, directions: list[str]) -> optuna.Study:
         storage = self.storage
         if storage is None:
             storage = default_storage(str(self.config.hydra.sweep.dir))
         url = storage if isinstance(storage, str) else None
-        path = _sqlite_path(url) if url else None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(path):
+        if url:
+            self._check_storage(url)
+        self.url = url
+        start = self.backoff.start
+        with _startup_lock(url, self.backoff):
             if url:
-                storage = retry(lambda: optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs(url)), "opening the Optuna storage")
-            study = retry(lambda: optuna.create_study(
+                storage = self._rdb_storage(url)
+            study = start(lambda: optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
                 directions=directions, load_if_exists=True), "creating the study")
+            self.store = StudyStore(study)  # before any trial: no cache between us and the DB
             if url:
-                self.guard = Guard(url, study.study_name, self.heartbeat_s, self.stale_after_s)
+                self.guard = Guard(url, study.study_name, self.heartbeat_s, self.stale_after_s,
+                                   self.backoff)
+                # registered under the start-up lock: a sweeper starting next sees this one
+                start(self.guard.start, "registering this sweeper")
             elif storage is not None:
                 log.warning("storage %r is not a URL: no guard against other sweepers",
                             storage)
+            self._company = self._db(lambda: (
+                len(self._all_trials()), self.guard.others() if self.guard else 0),
+                "reading the study")
         log.info("Study %s in %s (%s)", study.study_name,
-                 _redact(url) if url else type(storage).__name__, type(self.sampler).__name__)
-        self.store = StudyStore(study)
+                 redact(url) if url else type(storage).__name__, type(self.sampler).__name__)
         return study
 
     # -- trials --------------------------------------------------------------------------
     def _all_trials(self) -> list[optuna.trial.FrozenTrial]:
-        """Fresh from the database (Optuna's cache does not see other processes' updates)."""
+        """Fresh from the database (no cache sees other processes' updates)."""
         assert self.store is not None
         return self.store.trials()
 
     @property
     def _owner(self) -> str:
         return self.guard.owner if self.guard else "local"
+
+    def _orphaned(self, t: optuna.trial.FrozenTrial, alive: dict[str, bool]) -> bool:
+        """A running trial no live sweeper runs: its sweeper is dead, or it has had no owner
+        for stale_after_s (a sweeper died, or lost the database, between making the trial and
+        naming its owner)."""
+        assert self.guard is not None
+        owner = t.user_attrs.get(OWNER_ATTR)
+        if owner is None:
+            started = t.datetime_start
+            return started is not None and (
+                datetime.datetime.now() - started).total_seconds() > self.stale_after_s
+        if owner not in alive:
+            alive[owner] = self.guard.alive(owner)
+        return not alive[owner]
 
     def _fail_orphans(self) -> list[dict[str, Any]]:
         """Fail running trials of dead sweepers; return their params."""
@@ -199,30 +351,42 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         alive: dict[str, bool] = {}
         orphans = []
         for t in self._all_trials():
-            owner = t.user_attrs.get(OWNER_ATTR)
-            if t.state != TrialState.RUNNING or owner is None:
-                continue
-            if owner not in alive:
-                alive[owner] = self.guard.alive(owner)
-            if alive[owner]:
+            if t.state != TrialState.RUNNING or not self._orphaned(t, alive):
                 continue
             # False: finished in the meantime, or failed by another sweeper
             if self.store.fail(t, {STATE_ATTR: "interrupted"}):
                 log.warning("trial %d (%s) of a stopped sweeper marked interrupted", t.number,
                             t.params)
-                orphans.append(dict(t.params))
+                if t.params:
+                    orphans.append(dict(t.params))
         return orphans
 
-    def _new_trial(self, study: optuna.Study, grid_id: int | None = None) -> optuna.Trial:
+    def _new_trial(self, grid_id: int | None = None,
+                   params: dict[str, Any] | None = None) -> optuna.Trial:
+        """A running trial of this sweeper, made with its owner and its grid point (or the
+        `params` of an interrupted trial run again) in one transaction, then opened by the
+        sampler.  Retried as a whole while the database is away, reusing a trial already
+        made: a retry never leaves a second one behind."""
         assert self.store is not None
-        trial = study.ask() if grid_id is None else self.store.new_grid_trial(grid_id)
-        trial.set_user_attr(OWNER_ATTR, self._owner)
-        return trial
+        system = (self.store.grid_attrs(grid_id) if grid_id is not None
+                  else self.store.rerun_attrs(params) if params else {})
+        made: list[int] = []
 
-    def _configure(self, study: optuna.Study, trials: list[optuna.Trial], search: dict,
-                   fixed: dict) -> Sequence[Sequence[str]]:
+        def make() -> optuna.Trial:
+            if not made:
+                made.append(self.store.create({OWNER_ATTR: self._owner}, system))
+            trial = self.store.open(made[0], grid_id)
+            self._numbers[id(trial)] = trial.number
+            return trial
+
+        return self._db(make, "starting a trial")
+
+    def _configure(self, study: optuna.Study,
+                   trials: list[optuna.Trial]) -> Sequence[Sequence[str]]:
+        search, fixed, deletes = self._space
         try:
-            return self._configure_trials(trials, search, fixed)
+            return self._db(lambda: configure_trials(self, trials, search, fixed, deletes),
+                            "picking the trials' points")
         except ValueError as e:
             if "distribution" not in str(e).lower():
                 raise
@@ -231,38 +395,47 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 "(another grid or sampler): give this one its own name with "
                 "hparams.study_name=... (or another tag=).") from e
 
+    def _outcome(self, number: int, ret: Any, n_directions: int,
+                 run_dir: str | None) -> tuple[TrialState, str, list[float] | None]:
+        """(state, rld_state, values) of a finished job; asks no database."""
+        value = ret.return_value  # raises the job's exception: the caller counts it
+        try:
+            values = [float(value)] if n_directions == 1 else [float(v) for v in value]
+        except (TypeError, ValueError):
+            values = [math.nan]
+        if all(math.isfinite(v) for v in values):
+            return TrialState.COMPLETE, "completed", values
+        tag = "diverged" if run_status(run_dir) == "diverged" else "error"
+        log.warning("trial %d %s (%s)", number,
+                    "diverged" if tag == "diverged" else "gave no number", run_dir)
+        return TrialState.FAIL, tag, None
+
     def _tell(self, study: optuna.Study, trials: list[optuna.Trial], returns: Sequence[Any],
               directions: list[str]) -> list[BaseException]:
         raised: list[BaseException] = []
         for trial, ret in zip(trials, returns):
+            number = self._numbers.pop(id(trial), -1)
             run_dir = _run_dir(ret)
-            values: list[float] | None = None
             try:
-                value = ret.return_value
+                state, tag, values = self._outcome(number, ret, len(directions), run_dir)
             except Exception as e:  # noqa: BLE001 - the job raised: a failed trial
                 raised.append(e)
-                state, tag = TrialState.FAIL, "error"
-                log.warning("trial %d failed: %s", trial.number, e)
-            else:
-                try:
-                    values = ([float(value)] if len(directions) == 1
-                              else [float(v) for v in value])
-                except (TypeError, ValueError):
-                    values = [math.nan]
-                if all(math.isfinite(v) for v in values):
-                    state, tag = TrialState.COMPLETE, "completed"
-                else:
-                    values = None
-                    state = TrialState.FAIL
-                    tag = "diverged" if run_status(run_dir) == "diverged" else "error"
-                    log.warning("trial %d %s: %s (%s)", trial.number,
-                                "diverged" if tag == "diverged" else "gave no number",
-                                trial.params, run_dir)
-            trial.set_user_attr(STATE_ATTR, tag)
-            if run_dir:
-                trial.set_user_attr(RUN_DIR_ATTR, run_dir)
-            tell(study, trial, values, state)
+                state, tag, values = TrialState.FAIL, "error", None
+                log.warning("trial %d failed: %s", number, e)
+            self._db(functools.partial(self._record, study, trial, tag, run_dir, values,
+                                       state), f"recording trial {number}")
         return raised
+
+    def _record(self, study: optuna.Study, trial: optuna.Trial, tag: str,
+                run_dir: str | None, values: list[float] | None, state: TrialState) -> None:
+        """Write a trial's outcome; a repeat after a write that went through is a no-op."""
+        assert self.store is not None
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            return
+        trial.set_user_attr(STATE_ATTR, tag)
+        if run_dir:
+            trial.set_user_attr(RUN_DIR_ATTR, run_dir)
+        tell(study, trial, values, state)
 
     def _check_failures(self, raised: list[BaseException], returns: Sequence[Any]) -> None:
         if raised and len(raised) / len(returns) > self.max_failure_rate:
@@ -272,18 +445,26 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 ret.return_value  # noqa: B018 - re-raises the job's exception
 
     def _finish_mine(self) -> None:
-        """On the way out (Ctrl-C, errors): my running trials become `interrupted`."""
+        """On the way out: my running trials (Ctrl-C, errors) become `interrupted`."""
+        assert self.store is not None
+        for t in self._all_trials():
+            if t.state == TrialState.RUNNING and t.user_attrs.get(OWNER_ATTR) == self._owner:
+                self.store.fail(t, {STATE_ATTR: "interrupted"})
+
+    def _wind_down(self, ok: bool) -> None:
+        """Leave the study: after a sweep that went well, with retries; after an error, one
+        try each (a dead sweeper's trials and claims are reaped by the next one anyway)."""
         if self.store is None:
             return
-        try:
-            trials = self._all_trials()
-        except Exception as e:  # noqa: BLE001 - do not hide the error that brought us here
-            log.warning("could not mark this sweeper's running trials interrupted: %s", e)
-            return
-        for t in trials:
-            if t.state == TrialState.RUNNING and t.user_attrs.get(OWNER_ATTR) == self._owner:
-                with contextlib.suppress(Exception):
-                    self.store.fail(t, {STATE_ATTR: "interrupted"})
+        call = self._db if ok else self._once
+        steps = [(self._finish_mine, "marking this sweeper's running trials interrupted")]
+        if self.guard is not None:
+            self.guard.stop()
+            steps.append((self.guard.leave, "dropping this sweeper's claims"))
+        for fn, what in steps:
+            call(fn, what)
+        if self.guard is not None:
+            self.guard.close()
 
     # -- the sweep -----------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
@@ -293,29 +474,32 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         params_conf.extend(arguments)
         is_grid = (isinstance(self.sampler, functools.partial)
                    and self.sampler.func is optuna.samplers.GridSampler)
-        distributions, fixed = create_params_from_overrides(params_conf)
-        search = dict(self.search_space_distributions or {})
+        distributions, fixed, deletes = split_overrides(params_conf)
+        search = dict(getattr(self, "search_space_distributions", None) or {})  # 1.3 only
         search.update(distributions)
         for name in fixed:
             search.pop(name, None)
+        self._space = (search, fixed, deletes)
         if is_grid:
             grid = {name: self._to_grid_sampler_choices(d) for name, d in search.items()}
             self.sampler = self.sampler(grid)
         directions = self._get_directions()
-        study = self._open_study(directions)
-        if self.guard is not None:
-            self.guard.start()
+        ok = False
         try:
+            study = self._open_study(directions)
             with quiet_grid_sampler():
                 if is_grid:
-                    self._sweep_grid(study, search, fixed, directions)
+                    self._sweep_grid(study)
                 else:
-                    self._sweep_budget(study, search, fixed, directions)
+                    self._sweep_budget(study, directions)
+            self._db(lambda: self._write_results(study, directions), "writing the results")
+            ok = True
+        except StorageUnavailable as e:
+            _stop(f"{KEY}={redact(self.url or '')}: {e}. The runs launched so far keep their "
+                  "results: run the same command again when the database is back.",
+                  DATABASE_GONE)
         finally:
-            self._finish_mine()
-            if self.guard is not None:
-                self.guard.stop()
-        self._write_results(study, directions)
+            self._wind_down(ok)
 
     def _settled(self, names: Sequence[str]) -> set[tuple]:
         """Grid points (values in the order of `names`) that are not to run again: those with
@@ -334,7 +518,8 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
     def _claim_batch(self, candidates: Sequence[int], grid: Grid, keys: Sequence[str],
                      size: int) -> list[int]:
         """Up to `size` of the grid points `candidates` not settled yet, claimed (with a
-        guard) so that no other sweeper runs them meanwhile."""
+        guard) so that no other sweeper runs them meanwhile.  Safe to repeat: a point this
+        sweeper holds already is claimed again."""
         done = self._settled(grid.names)
         batch: list[int] = []
         for i in candidates:
@@ -351,14 +536,18 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 break
         return batch
 
-    def _sweep_grid(self, study: optuna.Study, search: dict, fixed: dict,
-                    directions: list[str]) -> None:
+    def _release(self, keys: list[str], ok: bool) -> None:
+        if self.guard is not None:
+            (self._db if ok else self._once)(lambda: self.guard.release(keys),
+                                             "releasing grid points")
+
+    def _sweep_grid(self, study: optuna.Study) -> None:
         grid = grid_of(self.sampler)
         names, grids = grid.names, grid.points
         keys = [",".join(f"{n}={v!r}" for n, v in zip(names, g)) for g in grids]
         limit = len(grids) if self.n_trials is None else min(int(self.n_trials), len(grids))
         batch_size = self._batch_size()
-        done_before = self._settled(names)
+        done_before = self._db(lambda: self._settled(names), "reading the study")
         todo = [i for i, g in enumerate(grids) if g not in done_before][: max(0, limit
                                                                              - len(done_before))]
         log.info("grid of %d point(s) (%s): %d settled, %d to run, %d at a time", len(grids),
@@ -366,23 +555,26 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                  len(done_before), len(todo), batch_size)
         tried: set[int] = set()
         while True:
-            self._fail_orphans()
-            batch = self._claim_batch([i for i in todo if i not in tried], grid, keys,
-                                      batch_size)
+            self._db(self._fail_orphans, "looking for stopped sweepers")
+            candidates = [i for i in todo if i not in tried]
+            batch = self._db(functools.partial(self._claim_batch, candidates, grid, keys,
+                                               batch_size), "claiming grid points")
             if not batch:
                 break
+            tried.update(batch)
+            held = [keys[i] for i in batch]
             try:
-                trials = [self._new_trial(study, grid_id=i) for i in batch]
-                overrides = self._configure(study, trials, search, fixed)
+                trials = [self._new_trial(grid_id=i) for i in batch]
+                overrides = self._configure(study, trials)
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
                 self.job_idx += len(returns)
-                raised = self._tell(study, trials, returns, directions)
-            finally:
-                tried.update(batch)
-                if self.guard is not None:
-                    self.guard.release(keys[i] for i in batch)
+                raised = self._tell(study, trials, returns, self._get_directions())
+            except BaseException:
+                self._release(held, ok=False)
+                raise
+            self._release(held, ok=True)
             self._check_failures(raised, returns)
-        settled = self._settled(names)
+        settled = self._db(lambda: self._settled(names), "reading the study")
         left = [keys[i] for i in todo if grids[i] not in settled]
         if left:
             log.info("%d grid point(s) not settled by this sweeper (running elsewhere or "
@@ -409,21 +601,49 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                     n += alive[owner]
         return n
 
-    def _sweep_budget(self, study: optuna.Study, search: dict, fixed: dict,
-                      directions: list[str]) -> None:
+    def _start_budgeted(self, batch_size: int) -> list[optuna.Trial]:
+        """The next batch of a budgeted study, counted and started under the budget claim so
+        that sweepers sharing the study never start more than n_trials together."""
+        hold = (self.guard.hold(BUDGET_CLAIM, call=self._db) if self.guard is not None
+                else contextlib.nullcontext())
+        with hold:
+            used = self._db(lambda: self._budget_used(self._all_trials()),
+                            "counting the study's trials")
+            n = min(batch_size, max(0, int(self.n_trials) - used))
+            # interrupted trials first, on their own points: their runs resume
+            resume = [self._resume.pop(0) for _ in range(min(n, len(self._resume)))]
+            return ([self._new_trial(params=p) for p in resume]
+                    + [self._new_trial() for _ in range(n - len(resume))])
+
+    def _own_draws(self, study: optuna.Study) -> None:
+        """A seeded sampler draws the same points in every process that starts it: a sweeper
+        joining a study that has trials, or other live sweepers, gets a seed of its own,
+        derived from the seed, the trials and the sweepers it found (a lone sweeper on a new
+        study keeps the configured seed: its study is reproducible)."""
+        conf = self.config.hydra.sweeper.get("sampler")
+        if conf is None or conf.get("seed") is None or self._company == (0, 0):
+            return
+        trials, others = self._company
+        seed = zlib.crc32(f"{conf.seed}:{trials}:{others}".encode()) & 0x7FFFFFFF
+        own = OmegaConf.create(OmegaConf.to_container(conf, resolve=True))
+        own.seed = seed
+        self.sampler = study.sampler = sampler_of(own)
+        log.info("sampler seed %s -> %d: the study has %d trial(s) and %d other live "
+                 "sweeper(s); this sweeper draws its own points", conf.seed, seed, trials,
+                 others)
+
+    def _sweep_budget(self, study: optuna.Study, directions: list[str]) -> None:
         if self.n_trials is None:
             raise ValueError("hydra.sweeper.n_trials (hparams.n_trials) must be set for "
                              f"sampler {type(self.sampler).__name__}")
+        self._own_draws(study)
         batch_size = self._batch_size()
         while True:
-            for params in self._fail_orphans():
-                study.enqueue_trial(params)  # resumes the interrupted run
-            counted = self._budget_used(self._all_trials())
-            to_go = int(self.n_trials) - counted
-            if to_go <= 0:
+            self._resume += self._db(self._fail_orphans, "looking for stopped sweepers")
+            trials = self._start_budgeted(batch_size)
+            if not trials:
                 break
-            trials = [self._new_trial(study) for _ in range(min(batch_size, to_go))]
-            overrides = self._configure(study, trials, search, fixed)
+            overrides = self._configure(study, trials)
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
             raised = self._tell(study, trials, returns, directions)
@@ -454,6 +674,8 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                                     for t in study.best_trials]
         path = Path(self.results_file or f"{self.config.hydra.sweep.dir}/"
                                           "optimization_results.yaml")
+        from rld.io import write_text
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), path)
+        write_text(path, OmegaConf.to_yaml(OmegaConf.create(results)))  # atomic
         log.info("results: %s (%s)", path, ", ".join(f"{v} {k}" for k, v in states.items()))

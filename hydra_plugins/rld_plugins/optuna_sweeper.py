@@ -16,12 +16,16 @@ still chosen with `hydra/sweeper/sampler=grid|tpe|...`):
   defaults to maximize (accuracy).
 * `n_jobs: null` sizes each batch by the launcher (GPU slots, Slurm array parallelism).
 * `storage: null` keeps the study beside its runs, in `<hydra.sweep.dir>/optuna.db`
-  (sqlite), rather than in memory.
+  (sqlite), rather than in memory.  A URL is checked before any work (driver, credentials,
+  no password written where Hydra saves it: `rld.storage`) and shown with its password
+  redacted; a database that goes away mid-sweep is retried for `storage_retry_s`.
+* works with hydra-optuna-sweeper 1.3 (optuna 2) and 1.4 (optuna 4-5): `_optuna_compat`.
 
 The work is done in `_sweeper.py`, imported lazily.
 """
 
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +56,14 @@ class RldOptunaSweeperConf(OptunaSweeperConf):
     # sweeper's running trials are failed and its grid points given out again
     heartbeat_s: float = 30.0
     stale_after_s: float = 600.0
+    # a database that does not answer mid-sweep (server restart, network) is retried with a
+    # back-off of 1 s doubling to 30 s for this many seconds in all; then the sweeper stops
+    storage_retry_s: float = 300.0
 
+
+# Optuna's RDBStorage imports alembic, whose plugin set-up logs at INFO; Hydra imports optuna
+# when it instantiates the sampler, before this sweeper's own module is loaded
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 ConfigStore.instance().store(group="hydra/sweeper", name="rld_optuna",
                              node=RldOptunaSweeperConf, provider="rld")
@@ -61,15 +72,18 @@ ConfigStore.instance().store(group="hydra/sweeper", name="rld_optuna",
 class RldOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None,
                  n_trials: int | None, n_jobs: int | None, max_failure_rate: float,
-                 search_space: DictConfig | None, custom_search_space: str | None,
-                 params: DictConfig | None, results_file: str | None = None,
-                 heartbeat_s: float = 30.0, stale_after_s: float = 600.0) -> None:
+                 custom_search_space: str | None, params: DictConfig | None,
+                 search_space: DictConfig | None = None,  # hydra-optuna-sweeper 1.3 only
+                 results_file: str | None = None, heartbeat_s: float = 30.0,
+                 stale_after_s: float = 600.0, storage_retry_s: float = 300.0) -> None:
         from ._sweeper import RldOptunaSweeperImpl
 
         self.sweeper = RldOptunaSweeperImpl(
-            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-            search_space, custom_search_space, params, results_file=results_file,
-            heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)
+            sampler=sampler, direction=direction, storage=storage, study_name=study_name,
+            n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
+            search_space=search_space, custom_search_space=custom_search_space,
+            params=params, results_file=results_file, heartbeat_s=heartbeat_s,
+            stale_after_s=stale_after_s, storage_retry_s=storage_retry_s)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
