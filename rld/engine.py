@@ -53,6 +53,7 @@ from rld.loop import (
 )
 from rld.models import build_model, load_checkpoint
 from rld.packing import pack_key, point_label, point_scope
+from rld.pruning import reporter_for
 from rld.record import RunRecord
 from rld.reproduce import file_sha256, fingerprint, rng_state, seed_everything, set_rng_state
 from rld.rundir import RunBook, RunDir, config_difference, record_failure, run_lock
@@ -123,6 +124,7 @@ class Point:
     scheduler: Any = None
     rng: dict | None = None  # the global RNG state its separate run would have
     outcome: Any = None  # its RunRecord, or the exception that stopped it
+    reporter: Any = None  # its Optuna trial's (rld.pruning.TrialReporter), under the sweeper
 
     @property
     def open(self) -> bool:
@@ -294,9 +296,12 @@ def _train(points: list[Point], mode: str, group: Group) -> None:
                     p.book.record.extra["packed"] = {"points": len(live), "mode": mode}
                     if p.book.writes:
                         p.book.record.write(p.run_dir)
-        if live:
-            _log_start(live, mode, device, group)
-            _run_epochs(live, data, teacher, mode, group)
+                p.reporter = reporter_for(p.cfg)
+                _report(p, group, data)  # a resumed point's epochs its trial lacks
+        running = [p for p in live if p.open]
+        if running:
+            _log_start(running, mode, device, group)
+            _run_epochs(running, data, teacher, mode, group)
     finally:
         for p in live:
             if p.book is not None:
@@ -496,6 +501,7 @@ def _run_epochs(live: list[Point], data, teacher, mode: str, group: Group) -> No
         for p, stat, (top1, top5) in zip(active, stats, scores, strict=True):
             with p.scope():
                 _epoch_done(p, stat, epoch, lr, top1, top5, e0, data)
+                _report(p, group, data)
     for p in live:
         if p.open:
             with p.scope():
@@ -517,6 +523,20 @@ def _epoch_done(p: Point, stat: dict | str, epoch: int, lr: float, top1: float,
     p.book.epoch_done({"epoch": epoch, "lr": lr, **stat, "test_top1": top1,
                        "test_top5": top5, "seconds": time.time() - e0},
                       training_state_dict(p.state, p.scheduler))
+
+
+def _report(p: Point, group: Group, data) -> None:
+    """Report the point's checkpointed epochs to its Optuna trial and finish it as pruned
+    when the trial's pruner says so (rank 0 asks, every rank learns the answer); a pruned
+    point of a pack leaves it at the next epoch, its checkpoints kept for a promotion."""
+    if p.reporter is None or not p.open:
+        return
+    rng = rng_state()  # the reporter's retries draw jitter: the run's draws stay its own
+    why = group.on_main(lambda: p.reporter.update(p.book.history))
+    set_rng_state(rng)
+    if why is not None:
+        log.info("%s", why)
+        p.outcome = p.book.finish("pruned", why, student_checkpoint(p.cfg, p.state, data))
 
 
 # --------------------------------------------------------------------------- failures

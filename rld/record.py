@@ -20,8 +20,9 @@ from rld.config import distiller_spec, trained_arch
 from rld.errors import ConfigError, RecordError
 
 RECORD = "metrics.json"
-STATUSES = ("running", "completed", "diverged", "failed")
-# a run in one of these states is finished: recalled, never trained again
+STATUSES = ("running", "completed", "diverged", "failed", "pruned")
+# a run in one of these states is finished: recalled, never trained again (a pruned run is
+# not: run again without its pruner, it resumes from its checkpoint to the end)
 SETTLED = ("completed", "diverged")
 
 
@@ -49,6 +50,7 @@ class RunRecord:
     top1_best: float | None = None  # best test top-1 over the epochs
     top5: float | None = None
     epochs_done: int | None = 0  # None: a record from before it was recorded
+    pruned_epoch: int | None = None  # the epoch after which an Optuna pruner stopped it
     wall_s: float | None = None
     teacher_top1: float | None = None
     teacher_sha256: str | None = None

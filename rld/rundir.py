@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import shutil
 import time
@@ -116,6 +117,16 @@ class RunDir:
             os.replace(last, prev)
         io.save_torch(last, state)
 
+    def read_history(self) -> list[dict]:
+        """`history.csv` as rows of numbers ([] when there is none)."""
+        import csv
+
+        try:
+            with open(self.path / self.HISTORY, newline="") as f:
+                return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        except FileNotFoundError:
+            return []
+
     def write_history(self, rows: list[dict]) -> None:
         if not rows:
             return
@@ -170,7 +181,8 @@ class TensorBoard:
         hparams = {"distiller": record.distiller, "pair": record.pair, "seed": record.seed,
                    "epochs": record.epochs, **{k: v for k, v in record.settings.items()
                                                if isinstance(v, bool | int | float | str)}}
-        metrics = {f"hparam/{k}": record.objective(k) for k in ("top1", "top1_best", "top5")}
+        metrics = {f"hparam/{k}": record.objective(k) for k in ("top1", "top1_best", "top5")
+                   if math.isfinite(record.objective(k))}  # none for a pruned run
         self.writer.add_hparams(hparams, metrics, name="hparams")
         self.close()
 
@@ -262,6 +274,7 @@ class RunBook:
         rec.top1, rec.top5 = final.get("test_top1"), final.get("test_top5")
         rec.top1_best = self.best if final else None
         rec.epochs_done = len(self.history)
+        rec.pruned_epoch = len(self.history) if status == "pruned" else None
         rec.wall_s = round(time.time() - self.t0, 3)
         rec.teacher_top1 = self.teacher_top1
         if not self.writes:

@@ -1,5 +1,5 @@
-"""The Optuna study's database, as the `rld_optuna` sweeper reaches it (and, once runs report
-intermediate values, as a run will): checks of the storage URL before any work, the URL as
+"""The Optuna study's database, as the `rld_optuna` sweeper reaches it (and as a run reporting
+to its trial does, `rld.pruning`): checks of the storage URL before any work, the URL as
 logs may show it, and one retry helper with a bounded back-off for a database server that
 goes away for a while.
 
@@ -171,6 +171,18 @@ def engine_kwargs(url: str) -> dict[str, Any]:
         # libpq: an unreachable host fails in seconds, not after the kernel's TCP timeout
         kwargs["connect_args"] = {"connect_timeout": 10}
     return kwargs
+
+
+def has_password(url: str) -> bool:
+    """Whether `url` carries a password (in its user part or its query): such a URL is never
+    written where Hydra saves it (a job's overrides)."""
+    from sqlalchemy.engine.url import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - unparseable: treat it as secret
+        return True
+    return bool(u.password or u.query.get("password"))
 
 
 def _raw_secrets(url: str) -> list[str]:

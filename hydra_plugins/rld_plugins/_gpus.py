@@ -211,6 +211,13 @@ def gpus_job_id(idx: int, config: Any) -> str:
     return f"{config.hydra.job.name}_{idx}"
 
 
+def where(launcher: Any, pool: SlotPool) -> str:
+    """Where the launcher's units run, for the log."""
+    what = "job(s)" if launcher.pack is None else "pack(s)"
+    return (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} {what} per GPU"
+            if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per unit")
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> list[Any]:
     """The batch's units of work (one job each, or packs of `pack` jobs), one per worker
@@ -226,10 +233,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     n_jobs = launcher.workers
     todo = _jobs.units(launcher.hydra_context, config, job_overrides, initial_job_idx,
                        launcher.pack)
-    what = "job(s)" if launcher.pack is None else "pack(s)"
-    where = (f"GPUs {','.join(pool.devices)} x {pool.jobs_per_gpu} {what} per GPU"
-             if pool.devices else f"CPU, {pool.cpu_threads} thread(s) per unit")
-    _jobs.log_plan(todo, f"{n_jobs} at a time on {where}")
+    _jobs.log_plan(todo, f"{n_jobs} at a time on {where(launcher, pool)}")
     state = Singleton.get_state()
     returns = Parallel(**joblib_kwargs(launcher.joblib, n_jobs))(
         delayed(run_pinned_unit)(pool, unit, launcher.hydra_context, config,

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 
-Unit = list[tuple[int, list[str]]]  # (job number, overrides) of the jobs of one unit
+Job = tuple[int, list[str]]  # a job's number and overrides
+Unit = list[Job]  # the jobs of one unit
 
 
 def start_sweep(config: Any, log_config: bool = True) -> Path:
@@ -70,9 +71,25 @@ def plan(hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequenc
          initial_job_idx: int, pack: int | None) -> list[Unit]:
     """The batch's jobs grouped into packs of at most `pack` points (units of work), in job
     order."""
+    jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+    return plan_packed(hydra_context, config, jobs, pack)
+
+
+def plan_jobs(hydra_context: Any, config: DictConfig, jobs: Sequence[Job],
+              pack: int | None) -> list[Unit]:
+    """Numbered jobs as units of work: packs of at most `pack` jobs, or with `pack` None one
+    unit per job (no config composed here)."""
+    if pack is None:
+        return [[(idx, list(o))] for idx, o in jobs]
+    return plan_packed(hydra_context, config, jobs, pack)
+
+
+def plan_packed(hydra_context: Any, config: DictConfig, jobs: Sequence[Job],
+                pack: int | None) -> list[Unit]:
+    """Numbered jobs grouped into packs of at most `pack` points, in job order."""
     from rld.packing import plan_packs
 
-    jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+    jobs = [(idx, list(o)) for idx, o in jobs]
     cfgs = []
     for idx, overrides in jobs:
         try:
@@ -87,11 +104,9 @@ def plan(hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequenc
 
 def units(hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequence[str]],
           initial_job_idx: int, pack: int | None) -> list[Unit]:
-    """The batch's units of work: packs of at most `pack` jobs (`plan`), or with `pack`
-    None one unit per job (no config composed here)."""
-    if pack is None:
-        return [[(initial_job_idx + i, list(o))] for i, o in enumerate(job_overrides)]
-    return plan(hydra_context, config, job_overrides, initial_job_idx, pack)
+    """The batch's units of work (`plan_jobs`)."""
+    jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+    return plan_jobs(hydra_context, config, jobs, pack)
 
 
 def in_job_order(units_: list[Unit], returns: Sequence[Sequence[JobReturn]],

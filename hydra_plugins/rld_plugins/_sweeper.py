@@ -41,6 +41,17 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from rld.errors import ConfigError
+from rld.pruning import (
+    PRUNER_ATTR,
+    TrialAddress,
+    backfill,
+    build_pruner,
+    pruner_spec,
+    prunes,
+    spec_json,
+    spec_text,
+)
 from rld.storage import (
     KEY,
     Backoff,
@@ -49,6 +60,7 @@ from rld.storage import (
     check_connection,
     check_url,
     engine_kwargs,
+    has_password,
     one_line,
     redact,
 )
@@ -81,6 +93,7 @@ STARTUP_LOCK = 0x726C64  # "rld"
 
 
 BAD_STORAGE, DATABASE_GONE = 2, 1  # exit codes of `_stop`
+BAD_INPUT = BAD_STORAGE  # a bad setting: exit 2, as `rld.train` exits on bad input
 
 
 def _stop(message: str, code: int) -> NoReturn:
@@ -199,6 +212,7 @@ def run_status(run_dir: str | None) -> str | None:
 class RldOptunaSweeperImpl(OptunaSweeperImpl):
     def __init__(self, *, results_file: str | None = None, heartbeat_s: float = 30.0,
                  stale_after_s: float = 600.0, storage_retry_s: float = 300.0,
+                 pruner: str = "none", pruning: Any = None, report_retry_s: float = 30.0,
                  **upstream: Any) -> None:
         upstream["sampler"] = sampler_of(upstream.get("sampler"))
         super().__init__(*impl_args(**upstream))
@@ -216,6 +230,12 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         self._company = (0, 0)  # trials in the study and other live sweepers, at start
         self._resume: list[dict[str, Any]] = []  # points of interrupted trials to run again
         self._space: tuple[dict, dict, list[str]] = ({}, {}, [])  # search, fixed, deletes
+        # the pruner as configured, checked at the start of the sweep (`rld.pruning`)
+        self._pruning = (str(pruner), OmegaConf.to_container(pruning, resolve=True)
+                         if OmegaConf.is_config(pruning) else dict(pruning or {}))
+        self.report_retry_s = float(report_retry_s)
+        self.pruner: dict[str, Any] = {"name": "none"}  # its spec (`rld.pruning.pruner_spec`)
+        self._jobs_storage: str | None | bool = False  # what jobs get; False: no reports
 
     # -- the database --------------------------------------------------------------------
     def _db(self, fn: Callable[[], T], what: str) -> T:
@@ -301,7 +321,8 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 storage = self._rdb_storage(url)
             study = start(lambda: optuna.create_study(
                 study_name=self.study_name, storage=storage, sampler=self.sampler,
-                directions=directions, load_if_exists=True), "creating the study")
+                pruner=build_pruner(self.pruner), directions=directions,
+                load_if_exists=True), "creating the study")
             self.store = StudyStore(study)  # before any trial: no cache between us and the DB
             if url:
                 self.guard = Guard(url, study.study_name, self.heartbeat_s, self.stale_after_s,
@@ -314,8 +335,15 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             self._company = self._db(lambda: (
                 len(self._all_trials()), self.guard.others() if self.guard else 0),
                 "reading the study")
-        log.info("Study %s in %s (%s)", study.study_name,
-                 redact(url) if url else type(storage).__name__, type(self.sampler).__name__)
+        # jobs reach the study at its URL; one with a password never travels in an
+        # override (Hydra saves them): its jobs read hparams.storage themselves
+        self._jobs_storage = False if not url else None if has_password(url) else url
+        if self._jobs_storage is False and prunes(self.pruner):
+            log.warning("storage %r is not a URL the jobs can reach: runs report nothing and "
+                        "no trial is pruned", storage)
+        log.info("Study %s in %s (%s, pruner %s)", study.study_name,
+                 redact(url) if url else type(storage).__name__, type(self.sampler).__name__,
+                 spec_text(self.pruner))
         return study
 
     # -- trials --------------------------------------------------------------------------
@@ -374,7 +402,8 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
 
         def make() -> optuna.Trial:
             if not made:
-                made.append(self.store.create({OWNER_ATTR: self._owner}, system))
+                made.append(self.store.create({OWNER_ATTR: self._owner,
+                                               PRUNER_ATTR: spec_json(self.pruner)}, system))
             trial = self.store.open(made[0], grid_id)
             self._numbers[id(trial)] = trial.number
             return trial
@@ -385,8 +414,9 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                    trials: list[optuna.Trial]) -> Sequence[Sequence[str]]:
         search, fixed, deletes = self._space
         try:
-            return self._db(lambda: configure_trials(self, trials, search, fixed, deletes),
-                            "picking the trials' points")
+            overrides = self._db(lambda: configure_trials(self, trials, search, fixed,
+                                                          deletes), "picking the trials' points")
+            return [[*o, *self._trial_overrides(study, t)] for o, t in zip(overrides, trials)]
         except ValueError as e:
             if "distribution" not in str(e).lower():
                 raise
@@ -394,6 +424,14 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 f"{e}\nStudy '{study.study_name}' was started with another search space "
                 "(another grid or sampler): give this one its own name with "
                 "hparams.study_name=... (or another tag=).") from e
+
+    def _trial_overrides(self, study: optuna.Study, trial: optuna.Trial) -> list[str]:
+        """The job's own trial, in its config (`hparams.trial`, `rld.pruning`): where it
+        reports its epochs and asks the trial's pruner."""
+        if self._jobs_storage is False:
+            return []
+        return TrialAddress(study.study_name, self._numbers[id(trial)], self._jobs_storage,
+                            self.report_retry_s).overrides()
 
     def _outcome(self, number: int, ret: Any, n_directions: int,
                  run_dir: str | None) -> tuple[TrialState, str, list[float] | None]:
@@ -405,7 +443,11 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             values = [math.nan]
         if all(math.isfinite(v) for v in values):
             return TrialState.COMPLETE, "completed", values
-        tag = "diverged" if run_status(run_dir) == "diverged" else "error"
+        status = run_status(run_dir)
+        if status == "pruned":
+            log.info("trial %d pruned (%s)", number, run_dir)
+            return TrialState.PRUNED, "pruned", None
+        tag = "diverged" if status == "diverged" else "error"
         log.warning("trial %d %s (%s)", number,
                     "diverged" if tag == "diverged" else "gave no number", run_dir)
         return TrialState.FAIL, tag, None
@@ -432,17 +474,15 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         assert self.store is not None
         if study._storage.get_trial(trial._trial_id).state.is_finished():
             return
+        if run_dir:  # the epochs a run could not report (its database was away)
+            from rld.rundir import RunDir
+
+            history = RunDir(Path(run_dir)).read_history()
+            backfill(study._storage, trial._trial_id, history, self._objective)
         trial.set_user_attr(STATE_ATTR, tag)
         if run_dir:
             trial.set_user_attr(RUN_DIR_ATTR, run_dir)
         tell(study, trial, values, state)
-
-    def _check_failures(self, raised: list[BaseException], returns: Sequence[Any]) -> None:
-        if raised and len(raised) / len(returns) > self.max_failure_rate:
-            log.error("%d of %d trials of this batch raised (max_failure_rate=%s)",
-                      len(raised), len(returns), self.max_failure_rate)
-            for ret in returns:
-                ret.return_value  # noqa: B018 - re-raises the job's exception
 
     def _finish_mine(self) -> None:
         """On the way out: my running trials (Ctrl-C, errors) become `interrupted`."""
@@ -467,8 +507,22 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             self.guard.close()
 
     # -- the sweep -----------------------------------------------------------------------
+    @property
+    def _objective(self) -> str:
+        return str(OmegaConf.select(self.config, "objective", default="top1_best"))
+
+    def _check_pruner(self) -> None:
+        """The pruner and its settings, before any work; a bad one is one line, exit 2."""
+        name, settings = self._pruning
+        epochs = OmegaConf.select(self.config, "trainer.epochs", default=None)
+        try:
+            self.pruner = pruner_spec(name, settings, int(epochs or 1))
+        except ConfigError as e:
+            _stop(str(e), BAD_INPUT)
+
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None
+        self._check_pruner()
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
@@ -489,7 +543,7 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             study = self._open_study(directions)
             with quiet_grid_sampler():
                 if is_grid:
-                    self._sweep_grid(study)
+                    self._sweep_grid(study, directions)
                 else:
                     self._sweep_budget(study, directions)
             self._db(lambda: self._write_results(study, directions), "writing the results")
@@ -501,19 +555,72 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         finally:
             self._wind_down(ok)
 
+    def _run_slots(self, study: optuna.Study, directions: list[str],
+                   start: Callable[[int], list[tuple[optuna.Trial, str | None]]]) -> None:
+        """Keep the launcher's slots busy (`_slots`): `start(n)` starts up to n trials (each
+        with the grid point it holds, or None) while a slot is free, and each trial is
+        recorded, and its point released, as soon as its job ends; until `start` gives
+        nothing and no job runs.  Stops (raising the job's error) when more than
+        max_failure_rate of the finished jobs raised."""
+        from ._slots import open_slots
+
+        slots = open_slots(self.launcher, self._batch_size())
+        running: dict[int, tuple[optuna.Trial, str | None]] = {}
+        held: set[str] = set()
+        finished = failed = 0
+        ok = False
+        try:
+            while True:
+                free = slots.capacity - len(running)
+                new = start(free) if free > 0 else []
+                held.update(k for _, k in new if k)
+                if new:
+                    overrides = self._configure(study, [t for t, _ in new])
+                    jobs = []
+                    for (trial, key), o in zip(new, overrides):
+                        running[self.job_idx] = (trial, key)
+                        jobs.append((self.job_idx, list(o)))
+                        self.job_idx += 1
+                    slots.submit(jobs)
+                if not running:
+                    break
+                for idx, ret in slots.wait():
+                    trial, key = running.pop(idx)
+                    raised = self._tell(study, [trial], [ret], directions)
+                    if key:
+                        self._release([key], ok=True)
+                        held.discard(key)
+                    finished += 1
+                    failed += len(raised)
+                    if raised and failed / finished > self.max_failure_rate:
+                        log.error("%d of %d finished trials raised (max_failure_rate=%s)",
+                                  failed, finished, self.max_failure_rate)
+                        ret.return_value  # noqa: B018 - re-raises the job's exception
+            ok = True
+        finally:
+            if not ok:
+                self._release(sorted(held), ok=False)
+            slots.close(ok)
+
     def _settled(self, names: Sequence[str]) -> set[tuple]:
         """Grid points (values in the order of `names`) that are not to run again: those with
-        a completed trial, or one failed as a settled run (diverged)."""
-        from rld.record import SETTLED
-
+        a completed trial, one failed as a settled run (diverged), or one pruned by this
+        sweeper's pruner (with another pruner, or none, a pruned point runs again: its run
+        resumes from its checkpoint, "promotion")."""
         out = set()
         for t in self._all_trials():
-            if not all(n in t.params for n in names):
-                continue
-            if t.state == TrialState.COMPLETE or (
-                    t.state == TrialState.FAIL and t.user_attrs.get(STATE_ATTR) in SETTLED):
+            if all(n in t.params for n in names) and self._closed(t):
                 out.add(tuple(t.params[n] for n in names))
         return out
+
+    def _closed(self, t: optuna.trial.FrozenTrial) -> bool:
+        """Whether a finished trial settles its point."""
+        from rld.record import SETTLED
+
+        return (t.state == TrialState.COMPLETE
+                or (t.state == TrialState.FAIL and t.user_attrs.get(STATE_ATTR) in SETTLED)
+                or (t.state == TrialState.PRUNED and prunes(self.pruner)
+                    and t.user_attrs.get(PRUNER_ATTR) == spec_json(self.pruner)))
 
     def _claim_batch(self, candidates: Sequence[int], grid: Grid, keys: Sequence[str],
                      size: int) -> list[int]:
@@ -537,48 +644,46 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
         return batch
 
     def _release(self, keys: list[str], ok: bool) -> None:
-        if self.guard is not None:
+        if self.guard is not None and keys:
             (self._db if ok else self._once)(lambda: self.guard.release(keys),
                                              "releasing grid points")
 
-    def _sweep_grid(self, study: optuna.Study) -> None:
+    def _sweep_grid(self, study: optuna.Study, directions: list[str]) -> None:
         grid = grid_of(self.sampler)
         names, grids = grid.names, grid.points
         keys = [",".join(f"{n}={v!r}" for n, v in zip(names, g)) for g in grids]
         limit = len(grids) if self.n_trials is None else min(int(self.n_trials), len(grids))
-        batch_size = self._batch_size()
         done_before = self._db(lambda: self._settled(names), "reading the study")
         todo = [i for i, g in enumerate(grids) if g not in done_before][: max(0, limit
                                                                              - len(done_before))]
         log.info("grid of %d point(s) (%s): %d settled, %d to run, %d at a time", len(grids),
                  " x ".join(f"{n} {list(grid.choices[n])}" for n in names),
-                 len(done_before), len(todo), batch_size)
+                 len(done_before), len(todo), self._batch_size())
         tried: set[int] = set()
-        while True:
+
+        def start(n: int) -> list[tuple[optuna.Trial, str | None]]:
             self._db(self._fail_orphans, "looking for stopped sweepers")
             candidates = [i for i in todo if i not in tried]
-            batch = self._db(functools.partial(self._claim_batch, candidates, grid, keys,
-                                               batch_size), "claiming grid points")
-            if not batch:
-                break
+            if not candidates:
+                return []
+            batch = self._db(functools.partial(self._claim_batch, candidates, grid, keys, n),
+                             "claiming grid points")
             tried.update(batch)
-            held = [keys[i] for i in batch]
+            out = []
             try:
-                trials = [self._new_trial(grid_id=i) for i in batch]
-                overrides = self._configure(study, trials)
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-                self.job_idx += len(returns)
-                raised = self._tell(study, trials, returns, self._get_directions())
+                for i in batch:
+                    out.append((self._new_trial(grid_id=i), keys[i]))
             except BaseException:
-                self._release(held, ok=False)
+                self._release([keys[i] for i in batch], ok=False)
                 raise
-            self._release(held, ok=True)
-            self._check_failures(raised, returns)
+            return out
+
+        self._run_slots(study, directions, start)
         settled = self._db(lambda: self._settled(names), "reading the study")
         left = [keys[i] for i in todo if grids[i] not in settled]
         if left:
-            log.info("%d grid point(s) not settled by this sweeper (running elsewhere or "
-                     "failed): %s", len(left), "; ".join(left))
+            log.info("%d grid point(s) not settled by this sweeper (running elsewhere, "
+                     "failed, or pruned by another pruner): %s", len(left), "; ".join(left))
 
     def _budget_used(self, trials: list[optuna.trial.FrozenTrial]) -> int:
         """Trials that count against n_trials: finished ones (except interrupted) and
@@ -601,19 +706,33 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                     n += alive[owner]
         return n
 
-    def _start_budgeted(self, batch_size: int) -> list[optuna.Trial]:
-        """The next batch of a budgeted study, counted and started under the budget claim so
-        that sweepers sharing the study never start more than n_trials together."""
+    def _promotable(self, trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
+        """Points of trials pruned by another pruner (or none now) that no trial settles or
+        runs: run again first, they resume from their checkpoints ("promotion")."""
+        def point(t: optuna.trial.FrozenTrial) -> tuple:
+            return tuple(sorted(t.params.items()))
+
+        taken = {point(t) for t in trials
+                 if t.state == TrialState.RUNNING or (t.state.is_finished() and self._closed(t))}
+        out: dict[tuple, dict[str, Any]] = {}
+        for t in trials:
+            if t.state == TrialState.PRUNED and t.params and point(t) not in taken:
+                out.setdefault(point(t), dict(t.params))
+        return list(out.values())
+
+    def _start_budgeted(self, n: int) -> list[optuna.Trial]:
+        """Up to `n` trials of a budgeted study, counted and started under the budget claim
+        so that sweepers sharing the study never start more than n_trials together:
+        interrupted points first, then promoted ones, then the sampler's."""
         hold = (self.guard.hold(BUDGET_CLAIM, call=self._db) if self.guard is not None
                 else contextlib.nullcontext())
         with hold:
-            used = self._db(lambda: self._budget_used(self._all_trials()),
-                            "counting the study's trials")
-            n = min(batch_size, max(0, int(self.n_trials) - used))
-            # interrupted trials first, on their own points: their runs resume
-            resume = [self._resume.pop(0) for _ in range(min(n, len(self._resume)))]
-            return ([self._new_trial(params=p) for p in resume]
-                    + [self._new_trial() for _ in range(n - len(resume))])
+            trials = self._db(self._all_trials, "reading the study")
+            n = min(n, max(0, int(self.n_trials) - self._budget_used(trials)))
+            again = self._resume + [p for p in self._promotable(trials) if p not in self._resume]
+            reruns, self._resume = again[:n], [p for p in self._resume if p not in again[:n]]
+            return ([self._new_trial(params=p) for p in reruns]
+                    + [self._new_trial() for _ in range(n - len(reruns))])
 
     def _own_draws(self, study: optuna.Study) -> None:
         """A seeded sampler draws the same points in every process that starts it: a sweeper
@@ -637,17 +756,12 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
             raise ValueError("hydra.sweeper.n_trials (hparams.n_trials) must be set for "
                              f"sampler {type(self.sampler).__name__}")
         self._own_draws(study)
-        batch_size = self._batch_size()
-        while True:
+
+        def start(n: int) -> list[tuple[optuna.Trial, str | None]]:
             self._resume += self._db(self._fail_orphans, "looking for stopped sweepers")
-            trials = self._start_budgeted(batch_size)
-            if not trials:
-                break
-            overrides = self._configure(study, trials)
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            self.job_idx += len(returns)
-            raised = self._tell(study, trials, returns, directions)
-            self._check_failures(raised, returns)
+            return [(t, None) for t in self._start_budgeted(n)]
+
+        self._run_slots(study, directions, start)
 
     def _write_results(self, study: optuna.Study, directions: list[str]) -> None:
         trials = self._all_trials()

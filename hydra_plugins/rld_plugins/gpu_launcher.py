@@ -109,3 +109,9 @@ class GpuLauncher(Launcher):
         from . import _gpus
 
         return _gpus.launch(self, job_overrides, initial_job_idx)
+
+    def open_slots(self, capacity: int):
+        """Jobs started as workers free up (`_slots.PoolSlots`: the Optuna sweeper's way)."""
+        from ._slots import PoolSlots
+
+        return PoolSlots(self, capacity)

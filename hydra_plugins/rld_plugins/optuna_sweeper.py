@@ -14,11 +14,17 @@ still chosen with `hydra/sweeper/sampler=grid|tpe|...`):
   points given out again (their runs resume from their checkpoints).
 * a NaN objective (diverged run) fails the trial and the study goes on; `direction`
   defaults to maximize (accuracy).
-* `n_jobs: null` sizes each batch by the launcher (GPU slots, Slurm array parallelism).
+* `n_jobs: null`: as many trials at a time as the launcher runs (GPU slots, Slurm array
+  parallelism, points of a pack).
 * `storage: null` keeps the study beside its runs, in `<hydra.sweep.dir>/optuna.db`
   (sqlite), rather than in memory.  A URL is checked before any work (driver, credentials,
   no password written where Hydra saves it: `rld.storage`) and shown with its password
   redacted; a database that goes away mid-sweep is retried for `storage_retry_s`.
+* pruning (`pruner`, `pruning`): each job gets its trial's address in its config
+  (`hparams.trial`), reports its objective after every epoch and stops when the trial's
+  pruner says so (`rld.pruning`); a pruned point is settled for the same pruner only.
+* slots, not batches: with the project's launchers a new trial starts as soon as one
+  finishes or is pruned (`_slots`); other launchers run batches of `n_jobs`.
 * works with hydra-optuna-sweeper 1.3 (optuna 2) and 1.4 (optuna 4-5): `_optuna_compat`.
 
 The work is done in `_sweeper.py`, imported lazily.
@@ -44,9 +50,10 @@ class RldOptunaSweeperConf(OptunaSweeperConf):
     storage: Any = None
     # grid: null = every missing point; others: the study's total number of trials
     n_trials: Any = None
-    # trials per batch; null: what the launcher runs at a time
+    # trials at a time; null: what the launcher runs at a time
     n_jobs: Any = None
-    # stop when more than this fraction of a batch raised (NaN results never stop a study)
+    # stop when more than this fraction of the finished trials raised (NaN results never
+    # stop a study)
     max_failure_rate: float = 1.0
     # values: Hydra sweep strings (choice(...), interval(...), tag(log, ...)) or lists
     params: Any = None
@@ -59,6 +66,15 @@ class RldOptunaSweeperConf(OptunaSweeperConf):
     # a database that does not answer mid-sweep (server restart, network) is retried with a
     # back-off of 1 s doubling to 30 s for this many seconds in all; then the sweeper stops
     storage_retry_s: float = 300.0
+    # early stopping (rld.pruning): none | median | percentile | sha | hyperband; every run
+    # reports its objective after each epoch to its trial and stops when the pruner says so
+    pruner: str = "none"
+    # the pruners' settings (rld.pruning.PruningSettings: n_startup_trials, n_warmup_steps,
+    # interval_steps, n_min_trials, percentile, min_resource, max_resource, reduction_factor,
+    # min_early_stopping_rate, bootstrap_count); checked before any work
+    pruning: Any = None
+    # seconds a run retries the study's database before it trains on without pruning
+    report_retry_s: float = 30.0
 
 
 # Optuna's RDBStorage imports alembic, whose plugin set-up logs at INFO; Hydra imports optuna
@@ -75,7 +91,9 @@ class RldOptunaSweeper(Sweeper):
                  custom_search_space: str | None, params: DictConfig | None,
                  search_space: DictConfig | None = None,  # hydra-optuna-sweeper 1.3 only
                  results_file: str | None = None, heartbeat_s: float = 30.0,
-                 stale_after_s: float = 600.0, storage_retry_s: float = 300.0) -> None:
+                 stale_after_s: float = 600.0, storage_retry_s: float = 300.0,
+                 pruner: str = "none", pruning: Any = None,
+                 report_retry_s: float = 30.0) -> None:
         from ._sweeper import RldOptunaSweeperImpl
 
         self.sweeper = RldOptunaSweeperImpl(
@@ -83,7 +101,8 @@ class RldOptunaSweeper(Sweeper):
             n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
             search_space=search_space, custom_search_space=custom_search_space,
             params=params, results_file=results_file, heartbeat_s=heartbeat_s,
-            stale_after_s=stale_after_s, storage_retry_s=storage_retry_s)
+            stale_after_s=stale_after_s, storage_retry_s=storage_retry_s, pruner=pruner,
+            pruning=pruning, report_retry_s=report_retry_s)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:

@@ -61,3 +61,10 @@ class PackedLauncher(Launcher):
         from . import _packed
 
         return _packed.launch(self, job_overrides, initial_job_idx)
+
+    def open_slots(self, capacity: int):
+        """One pack per `launch` (`_slots.LaunchSlots`): the next pack starts as soon as one
+        ends, its points taken from the trials the sweeper started meanwhile."""
+        from ._slots import LaunchSlots
+
+        return LaunchSlots(self, capacity, per_call=self.pack)

@@ -88,6 +88,12 @@ class RldSlurmLauncher(SlurmLauncher):
 
         return _packed.launch_submitit(self, job_overrides, initial_job_idx)
 
+    def open_slots(self, capacity: int):
+        """One Slurm job per job or pack, submitted as slots free up (`_slots.SubmititSlots`)."""
+        from ._slots import SubmititSlots
+
+        return SubmititSlots(self, capacity, poll_s=5.0)
+
 
 class RldLocalLauncher(LocalLauncher):
     """submitit's local executor, each job on a GPU of its own (gpus_per_node: 1) or on the
@@ -131,6 +137,17 @@ class RldLocalLauncher(LocalLauncher):
             wave = len(self.slot_pool.slots) if self.slot_pool is not None else None
             return _packed.launch_submitit(self, job_overrides, initial_job_idx, wave)
         return _gpus.launch_in_waves(super().launch, self.slot_pool, job_overrides, initial_job_idx)
+
+    def open_slots(self, capacity: int):
+        """One local job per job or pack, started as slots free up (each takes a GPU slot
+        when it starts: no waves)."""
+        from . import _gpus
+        from ._slots import SubmititSlots
+
+        self.slot_pool = _gpus.local_pool(self.params.get("gpus_per_node") or 0)
+        if self.slot_pool is not None:  # a job must not spend its time waiting for a GPU
+            capacity = min(capacity, len(self.slot_pool.slots) * (self.pack or 1))
+        return SubmititSlots(self, capacity)
 
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int,
                  job_id: str, singleton_state: dict) -> JobReturn:

@@ -30,8 +30,10 @@ Rules (footnotes of each table count what they affect):
 - A run whose record says "running", or that has no record (killed before the engine
   wrote one, or made by an older version; read from its saved config instead), is
   *incomplete*; a record "diverged", or "completed" with accuracies that are not finite, is
-  *diverged*; any other status is *failed*, and so is an unreadable ``metrics.json``, which
-  a footnote names with the reason.  None of them enter a mean; grid cells show them as text.
+  *diverged*; a record "pruned" (stopped early by an Optuna pruner) is *pruned*, shown as
+  "pruned at epoch e"; any other status is *failed*, and so is an unreadable
+  ``metrics.json``, which a footnote names with the reason.  None of them enter a mean (the
+  best point is chosen among completed runs); grid cells show them as text.
 - Output is byte-identical for identical input (sorted everything, fixed formats, PNGs
   without timestamps or software metadata).
 

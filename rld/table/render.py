@@ -176,8 +176,10 @@ def grid_markdown(g: Grid, metric: str) -> str:
         lines.append(f"- Best: {best}: {fmt_stats(g.cells[g.best])}.")
     else:
         lines.append("- Best: none (no grid point has a finished run).")
+    pruned = (f" ({g.n_pruned_points} of them pruned: stopped early by an Optuna pruner)"
+              if g.n_pruned_points else "")
     lines.append(f"- {g.n_cells} cells: {len(g.cells)} run, {g.n_missing} missing, "
-                 f"{g.n_failed_points} without a finished run.")  # fmt: skip
+                 f"{g.n_failed_points} without a finished run{pruned}.")  # fmt: skip
     if g.n_other_epochs:
         lines.append(f"- {g.n_other_epochs} runs with epochs other than {g.epochs} left out.")
     return "\n".join(lines) + "\n"
@@ -210,22 +212,30 @@ def _draw_cell(ax, i: int, j: int, s, vmin: float, vmax: float) -> None:
                                edgecolor="#9a9a9a", hatch="//", linewidth=0.5))  # fmt: skip
         ax.text(j, i, "missing", ha="center", va="center", fontsize=9, color="#404040",
                 fontstyle="italic", bbox=_LABEL_BOX)  # fmt: skip
+    elif not s.n and set(s.statuses) == {"pruned"}:  # stopped early: blue-grey, hatched
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#d6e0ea",
+                               edgecolor="#4a6582", hatch="\\\\", linewidth=0.5))  # fmt: skip
+        ax.text(j, i, problems_text(s.statuses, pruned_at=s.pruned_at).replace(" at ", "\nat "),
+                ha="center", va="center", fontsize=9, color="#1f3550", bbox=_LABEL_BOX)
     elif not s.n:  # run, but no finished run: pink, cross-hatched
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#f4c7c3",
                                edgecolor="#c0392b", hatch="xx", linewidth=0.5))  # fmt: skip
-        ax.text(j, i, problems_text(s.statuses).replace(", ", "\n"), ha="center", va="center",
-                fontsize=9, color="#8b0000", fontweight="bold", bbox=_LABEL_BOX)  # fmt: skip
+        ax.text(j, i, problems_text(s.statuses, pruned_at=s.pruned_at).replace(", ", "\n"),
+                ha="center", va="center", fontsize=9, color="#8b0000", fontweight="bold",
+                bbox=_LABEL_BOX)  # fmt: skip
     else:
         txt = f"{s.mean:.2f}" + (f"\n± {s.std:.2f}" if s.n > 1 else "") + f"\nn={s.n}"
-        if problems_text(s.statuses):
-            txt += f"\n+{problems_text(s.statuses)}"
+        problems = problems_text(s.statuses, pruned_at=s.pruned_at)
+        if problems:
+            txt += f"\n+{problems}"
         frac = (s.mean - vmin) / (vmax - vmin)
         ax.text(j, i, txt, ha="center", va="center", fontsize=9,
                 color="black" if frac > 0.6 else "white")  # fmt: skip
 
 
 def grid_png(g: Grid, metric: str, path: Path) -> None:
-    """The grid as a heatmap: mean over seeds per cell, missing and failed cells hatched,
+    """The grid as a heatmap: mean over seeds per cell, missing, pruned and failed cells
+    hatched (each its own way),
     the best cell framed in red."""
     import matplotlib
 

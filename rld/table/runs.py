@@ -29,8 +29,9 @@ from rld.registry import load_plugins
 
 log = logging.getLogger("rld")
 
-#: what a run directory is to the tables; every status but the first gives no number
-STATUSES = ("completed", "diverged", "failed", "incomplete")
+#: what a run directory is to the tables; every status but the first gives no number (a
+#: pruned run, stopped early by an Optuna pruner, shows the epoch it stopped at)
+STATUSES = ("completed", "diverged", "failed", "incomplete", "pruned")
 PROBLEMS = STATUSES[1:]
 #: folders never searched for runs (besides hidden ones)
 SKIP_DIRS = frozenset({"checkpoints", "__pycache__", "wandb", "lightning_logs", "tb"})
@@ -41,7 +42,8 @@ def run_columns() -> tuple[str, ...]:
     """The columns of runs.csv: who the run is, every setting of every registered
     distiller (`rld.distillers.setting_keys`), what it gave, where."""
     return ("dataset", "pair", "role", "teacher", "student", "arch", "distiller",
-            *setting_keys(), "seed", "epochs", "epochs_done", "status", "top1", "top1_best",
+            *setting_keys(), "seed", "epochs", "epochs_done", "pruned_epoch", "status", "top1",
+            "top1_best",
             "top5", "wall_s", "teacher_top1", "message", "duplicate_of", "path")
 
 
@@ -93,6 +95,7 @@ class Run:
     epochs: int | None  # configured
     epochs_done: int | None
     status: str  # one of STATUSES
+    pruned_epoch: int | None = None  # the epoch a pruned run stopped after
     top1: float = math.nan
     top1_best: float = math.nan
     top5: float = math.nan
@@ -209,6 +212,8 @@ def _load_plugins(modules: tuple[str, ...]) -> None:
 def _status(record: RunRecord) -> str:
     if record.status == "running":
         return "incomplete"
+    if record.status == "pruned":
+        return "pruned"
     if record.status not in ("completed", "diverged"):
         return "failed"  # an error stopped the run (or a status this version does not know)
     finite = math.isfinite(as_float(record.top1)) and math.isfinite(as_float(record.top1_best))
@@ -232,7 +237,8 @@ def _run_from_record(record: RunRecord, run_dir: Path, path: str) -> Run:
         settings={k: setting_value(v) for k, v in (record.settings or {}).items()},
         seed=as_int(record.seed if record.seed is not None else guess.get("seed")),
         epochs=epochs, epochs_done=epochs if status == "completed" and not done else done,
-        status=status, top1=as_float(record.top1), top1_best=as_float(record.top1_best),
+        status=status, pruned_epoch=as_int(record.pruned_epoch) if status == "pruned" else None,
+        top1=as_float(record.top1), top1_best=as_float(record.top1_best),
         top5=as_float(record.top5), wall_s=as_float(record.wall_s),
         teacher_top1=as_float(record.teacher_top1),
         message=" ".join(str(record.message or "").split()), path=path,

@@ -63,21 +63,36 @@ def fmt_point(point: Iterable[tuple[str, Any]], keys: Iterable[str] | None = Non
     return ", ".join(f"{SYMBOL.get(k, k)}={fmt_value(v)}" for k, v in items)
 
 
-def problems_text(statuses: Counter, runs_word: bool = False) -> str:
-    """'2 diverged, 1 incomplete' ('2 diverged runs; 1 incomplete run' with runs_word)."""
+def problems_text(statuses: Counter, runs_word: bool = False,
+                  pruned_at: tuple[int, ...] = ()) -> str:
+    """'2 diverged, 1 incomplete' ('2 diverged runs; 1 incomplete run' with runs_word);
+    pruned runs with the epochs they stopped at when `pruned_at` gives them ('pruned at
+    epoch 3', '2 pruned at epochs 3, 9')."""
     if runs_word:
         return "; ".join(f"{statuses[s]} {s} run{'s' if statuses[s] > 1 else ''}"
                          for s in PROBLEMS if statuses.get(s))  # fmt: skip
-    return ", ".join(f"{statuses[s]} {s}" for s in PROBLEMS if statuses.get(s))
+    parts = []
+    for s in PROBLEMS:
+        n = statuses.get(s)
+        if not n:
+            continue
+        if s == "pruned" and len(pruned_at) == n:
+            epochs = ", ".join(map(str, pruned_at))
+            parts.append(f"pruned at epoch {epochs}" if n == 1
+                         else f"{n} pruned at epochs {epochs}")
+        else:
+            parts.append(f"{n} {s}")
+    return ", ".join(parts)
 
 
 def fmt_stats(s: PointStats) -> str:
     """'74.12 ± 0.20 (n=3)'; text when no run of the point gave a number."""
+    problems = problems_text(s.statuses, pruned_at=s.pruned_at)
     if s.n == 0:
-        return problems_text(s.statuses) or "no runs"
+        return problems or "no runs"
     text = f"{s.mean:.2f} ± {s.std:.2f} (n={s.n})" if s.n > 1 else f"{s.mean:.2f} (n=1)"
-    if problems_text(s.statuses):
-        text += f" [+{problems_text(s.statuses)}]"
+    if problems:
+        text += f" [+{problems}]"
     return text
 
 
@@ -105,6 +120,7 @@ class PointStats:
     point: tuple
     values: tuple[float, ...]
     statuses: Counter
+    pruned_at: tuple[int, ...] = ()  # the epochs its pruned runs stopped after, sorted
     mean: float = field(init=False, default=math.nan)
     std: float = field(init=False, default=math.nan)
 
@@ -123,7 +139,9 @@ class PointStats:
 def point_stats(point: tuple, runs: list[Run], metric: str) -> PointStats:
     values = [r.metric(metric) for r in runs
               if r.status == "completed" and math.isfinite(r.metric(metric))]  # fmt: skip
-    return PointStats(point, tuple(values), status_counts(runs))
+    pruned = [r.pruned_epoch for r in runs if r.status == "pruned"]
+    at = tuple(sorted(pruned)) if all(e is not None for e in pruned) else ()
+    return PointStats(point, tuple(values), status_counts(runs), at)
 
 
 @dataclass
@@ -175,6 +193,11 @@ class Grid:
     @property
     def n_failed_points(self) -> int:
         return sum(1 for c in self.cells.values() if c.n == 0)
+
+    @property
+    def n_pruned_points(self) -> int:
+        """Points whose every run was pruned."""
+        return sum(1 for c in self.cells.values() if c.n == 0 and set(c.statuses) == {"pruned"})
 
 
 @dataclass
@@ -482,7 +505,10 @@ def table_notes(druns: list[Run], rows: list[Row], groups: list[Group], methods:
     notes = [
         f"Runs: {len(druns)} run directories; {status['completed']} completed, "
         f"{status['diverged']} diverged, {status['failed']} failed, {status['incomplete']} "
-        f"incomplete (running, or no metrics.json), {len(druns) - len(used)} duplicates "
+        f"incomplete (running, or no metrics.json), "
+        + (f"{status['pruned']} pruned (stopped early by an Optuna pruner: shown with the "
+           "epoch, never as a number), " if status["pruned"] else "")
+        + f"{len(druns) - len(used)} duplicates "
         f"ignored, {sum(g.n_other_epochs for g in groups)} left out for other epochs.",
         "Cells: mean ± sample std over seeds (n = seeds that finished); "
         f"{labels} show the grid point with the highest mean and its settings"
