@@ -578,3 +578,54 @@ def test_feature_methods_columns_and_two_setting_grid(tmp_path: Path, monkeypatc
     table.write_outputs(runs, tmp_path / "o2", "top1_best")
     a, b = _snapshot(tmp_path / "o1"), _snapshot(tmp_path / "o2")
     assert len(a) == 8 and a == b
+
+
+def test_pruned_points_show_their_epoch_never_a_number(tmp_path: Path):
+    """A run an Optuna pruner stopped is 'pruned at epoch e' in its cell (even a record that
+    holds accuracies: a pruned run's numbers are not results), counted in the footnotes,
+    hatched in its own way in the heatmap; the best point is a completed one."""
+    s = tmp_path / "sweeps"
+    write_run(s, "p/b1t2", distiller="rld", beta=1.0, tau=2.0, top1_best=70.0)
+    write_run(s, "p/b1t4", distiller="rld", beta=1.0, tau=4.0, top1_best=71.0)
+    pruned = write_run(s, "p/b2t2", distiller="rld", beta=2.0, tau=2.0, top1_best=99.0,
+                       status="pruned")
+    write_run(s, "p/b2t4s0", distiller="rld", beta=2.0, tau=4.0, top1_best=72.0)
+    both = write_run(s, "p/b2t4s1", distiller="rld", beta=2.0, tau=4.0, seed=1,
+                     top1_best=None, status="pruned")
+    for d, epoch in ((pruned, 30), (both, 9)):
+        data = json.loads((d / RECORD).read_text())
+        data.update(pruned_epoch=epoch, epochs_done=epoch)
+        (d / RECORD).write_text(json.dumps(data))
+    runs = table.collect_runs([s], cwd=str(tmp_path))
+    assert sorted((r.status, r.pruned_epoch) for r in runs) == [
+        ("completed", None)] * 3 + [("pruned", 9), ("pruned", 30)]
+    (t,) = table.build_tables(runs, "top1_best")
+    (grid,) = _group(t, ("rld", "vgg13_vgg8")).grids
+    assert table.cell_text(grid, 2.0, 2.0) == "pruned at epoch 30"
+    assert table.cell_text(grid, 2.0, 4.0) == "72.00 (n=1) [+pruned at epoch 9]"
+    assert grid.best == (2.0, 4.0) and grid.n_pruned_points == 1
+    assert _row(t, "vgg13_vgg8").cells["rld"].ours() == "72.00 (n=1) [+pruned at epoch 9] @ β=2, τ=4"
+    notes = "\n".join(t.notes)
+    assert "3 completed, 0 diverged, 0 failed, 0 incomplete (running, or no metrics.json), " \
+           "2 pruned (stopped early by an Optuna pruner" in notes
+    assert "2 pruned runs" in notes
+    md = table.grid_markdown(grid, "top1_best")
+    assert "(1 of them pruned: stopped early by an Optuna pruner)" in md
+    csv_rows = list(csv.DictReader(io.StringIO(table.runs_csv(runs))))
+    assert sorted(r["pruned_epoch"] for r in csv_rows) == ["", "", "", "30", "9"]
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from rld.table.render import _draw_cell
+
+    fig, ax = plt.subplots()
+    _draw_cell(ax, 0, 0, grid.cell(2.0, 2.0), 0.0, 1.0)  # pruned only
+    _draw_cell(ax, 0, 1, grid.cell(1.0, 2.0), 0.0, 1.0)  # completed
+    patch, = ax.patches
+    assert patch.get_hatch() == "\\\\"
+    texts = [x.get_text() for x in ax.texts]
+    assert texts == ["pruned\nat epoch 30", "70.00\nn=1"]
+    plt.close(fig)
