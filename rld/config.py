@@ -9,6 +9,8 @@ fails at composition time.  Value checks that types cannot express (tau > 0, ...
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,14 +156,36 @@ def register_configs() -> None:
     from rld.data import DATASETS
     from rld.distillers import DISTILLERS
 
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
+    _store(None, "train_schema", TrainConfig, lambda: TrainConfig)
     for name, spec in DISTILLERS.items():
-        store.store(group="distiller_schema", name=name, node=spec.config_schema())
+        _store("distiller_schema", name, spec, spec.config_schema)
     for name, spec in DATASETS.items():
         if spec.settings is not None:
-            store.store(group="dataset_schema", name=name, node=spec.settings)
+            _store("dataset_schema", name, spec.settings, lambda s=spec: s.settings)
     register_resolvers()
+
+
+# what this process put in Hydra's ConfigStore: {(group, name): the entry it came from}
+_stored: dict[tuple[str | None, str], Any] = {}
+
+
+def _store(group: str | None, name: str, source: Any, node: Callable[[], Any]) -> None:
+    """Store `node()` as `group/name` in Hydra's ConfigStore once per process:
+    `register_configs` runs again after the plugins are loaded, and a name stored again
+    warns on Hydra 1.4 (a warning per schema on the stderr of every sweeper and run) and is
+    refused by Hydra 1.5.  A name there already from another entry `source` (registered
+    anew, or a store handed over by a launcher) is replaced, as Hydra 1.3 does silently."""
+    store = ConfigStore.instance()
+    there = store.repo
+    for part in group.split("/") if group else ():
+        there = there.get(part, {})
+    present = f"{name}.yaml" in there
+    if present and _stored.get((group, name)) is source:
+        return
+    replace = present and "replace" in inspect.signature(store.store).parameters
+    store.store(group=group, name=name, node=node(), **({"replace": True} if replace else {}))
+    _stored[(group, name)] = source
+
 
 # Two key lists (an entry ending in "." or "/" is a prefix, any other entry an exact key):
 # NOT_IN_FINGERPRINT: keys that say where or how a run executes, not what it computes.  They

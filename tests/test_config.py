@@ -143,6 +143,36 @@ def test_every_registered_distiller_has_a_config_file_and_back():
     assert files == sorted(REGISTRY.names())
 
 
+def test_registering_the_schemas_again_stores_each_once(monkeypatch):
+    """`register_configs` runs at import and again after the plugins are loaded: the second
+    call leaves Hydra's store as it was, with no warning (Hydra 1.4 warns on a name stored
+    again, on every sweeper's and run's stderr; Hydra 1.5 refuses it); a distiller
+    registered anew under its name gets its new schema, silently too."""
+    import dataclasses
+    import warnings
+
+    from hydra.core.config_store import ConfigStore
+
+    schemas = ConfigStore.instance().repo["distiller_schema"]
+    before = dict(schemas)
+    kd = REGISTRY.get("kd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        register_configs()
+        assert all(schemas[name] is node for name, node in before.items())
+        monkeypatch.setitem(REGISTRY._entries, "kd", dataclasses.replace(
+            kd, defaults={**kd.defaults, "tau": 7.0}))
+        try:
+            register_configs()
+            assert schemas["kd.yaml"] is not before["kd.yaml"]
+            assert "7.0" in str(schemas["kd.yaml"].node.tau)
+            assert all(schemas[n] is before[n] for n in before if n != "kd.yaml")
+        finally:
+            monkeypatch.undo()
+            register_configs()
+    assert _compose("distiller=kd").distiller.tau == kd.settings().tau
+
+
 def test_a_distillers_keys_are_its_settings_alone():
     """Each distiller's node holds its registered settings (typed, with their defaults)
     and no other: a key of another distiller is refused at composition, a typo too, and

@@ -123,8 +123,20 @@ class Sweepers:
         return i
 
     def text(self, i: int) -> str:
+        return self.since(i, (0, 0))
+
+    def mark(self, i: int) -> tuple[int, int]:
+        """Where sweeper i's logs end now: (bytes of stdout, bytes of stderr)."""
         _, out, err = self.procs[i]
-        return out.read_text(errors="replace") + err.read_text(errors="replace")
+        return out.stat().st_size, err.stat().st_size
+
+    def since(self, i: int, mark: tuple[int, int]) -> str:
+        """What sweeper i has logged past `mark`, stdout then stderr.  Each stream from its
+        own offset: both grow, so an offset into their concatenation would point into the
+        stderr written before the mark once stdout grows (next stack: its warnings)."""
+        _, out, err = self.procs[i]
+        return "".join(path.read_bytes()[at:].decode(errors="replace")
+                       for path, at in ((out, mark[0]), (err, mark[1])))
 
     def wait(self, i: int, timeout: float = 600) -> int:
         proc = self.procs[i][0]
@@ -278,9 +290,10 @@ def test_killed_sweeper_releases_its_claims_and_the_rerun_finishes(study, sweepe
 
 
 # ------------------------------------------------------------------------ server faults
-def logged_since(sweepers: Sweepers, sizes: list[int], line: str, which: list[int]) -> bool:
-    """Whether each sweeper of `which` has logged `line` past its log size `sizes[i]`."""
-    return all(line in sweepers.text(i)[sizes[i]:] for i in which)
+def logged_since(sweepers: Sweepers, marks: list[tuple[int, int]], line: str,
+                 which: list[int]) -> bool:
+    """Whether each sweeper of `which` has logged `line` past its logs' ends `marks[i]`."""
+    return all(line in sweepers.since(i, marks[i]) for i in which)
 
 
 def restart_mid_trial(pg, study: Study, sweepers: Sweepers) -> tuple[int, float]:
@@ -288,16 +301,16 @@ def restart_mid_trial(pg, study: Study, sweepers: Sweepers) -> tuple[int, float]
     start it again and wait until they say it is back.  (sweepers that hit it, seconds down)"""
     wait_for(lambda: running(study), 300, "a running trial")
     n = len(sweepers.procs)
-    sizes = [len(sweepers.text(i)) for i in range(n)]
+    marks = [sweepers.mark(i) for i in range(n)]
     pg.stop()
     t0 = time.monotonic()
-    wait_for(lambda: logged_since(sweepers, sizes, RETRY_LINE,
+    wait_for(lambda: logged_since(sweepers, marks, RETRY_LINE,
                                   [i for i in range(n) if sweepers.alive(i)]),
              300, "every live sweeper to hit the outage")
-    hit = [i for i in range(n) if RETRY_LINE in sweepers.text(i)[sizes[i]:]]
+    hit = [i for i in range(n) if RETRY_LINE in sweepers.since(i, marks[i])]
     pg.start()
     down_s = time.monotonic() - t0
-    wait_for(lambda: logged_since(sweepers, sizes, BACK_LINE, hit), 300,
+    wait_for(lambda: logged_since(sweepers, marks, BACK_LINE, hit), 300,
              "the sweepers to say the database is back")
     return len(hit), round(down_s, 1)
 
