@@ -427,6 +427,16 @@ def test_a_pack_prunes_each_point_on_its_own(teacher_root):
             assert rec["status"] == "pruned" and len(hist) == rec["pruned_epoch"] < 4
         else:
             assert rec["status"] == "completed" and len(hist) == 4
+    # the pack's epoch (every point's `seconds`: the pack's) gets cheaper as points leave:
+    # the last epochs, trained by fewer students, take less than the first, trained by four
+    survivor = Path(next(t for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+                    .user_attrs["rld_run_dir"])
+    seconds = [row["seconds"] for row in history(survivor)]
+    left = [len([t for t in trials if len(t.intermediate_values) >= e]) for e in range(1, 5)]
+    print(f"pack epochs: points {left}, seconds {[round(s, 2) for s in seconds]}")
+    assert left[0] == 4 and left[-1] < 4
+    after = [s for s, n in zip(seconds, left) if n == left[-1]]
+    assert sum(after) / len(after) < seconds[0], (left, seconds)
     (t,) = build_tables(collect_runs([root / "sweeps" / tag]), "top1_best")
     (group,) = [g for g in t.groups if g.unit[0] == "rld"]
     (grid,) = group.grids

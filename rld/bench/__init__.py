@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m rld.bench {data,step,epoch,grid} [options]``.
+"""Benchmarks: ``python -m rld.bench {data,step,epoch,grid,sweep} [options]``.
 
 Each subcommand is a module ``rld.bench.<name>`` with ``main(argv: list[str]) -> int``,
 imported only when asked for.
@@ -11,4 +11,6 @@ SUBCOMMANDS = {
     "epoch": "time of one training epoch",
     "grid": "K grid points trained packed (one process, one teacher forward) against one "
             "after another",
+    "sweep": "a 16-point grid sweep on a CPU-sized task without and with pruning: epochs, "
+             "wall time, the best point of each",
 }
