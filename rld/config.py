@@ -10,6 +10,7 @@ fails at composition time.  Value checks that types cannot express (tau > 0, ...
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,12 +189,15 @@ def _store(group: str | None, name: str, source: Any, node: Callable[[], Any]) -
 
 
 # Two key lists (an entry ending in "." or "/" is a prefix, any other entry an exact key):
-# NOT_IN_FINGERPRINT: keys that say where or how a run executes, not what it computes.  They
-# are left out of the run's fingerprint (rld.reproduce.fingerprint), so changing them never
-# refuses a resume or a recall, and out of its directory name.  The teacher is identified by
-# the content of its checkpoint instead of by `teacher.checkpoint`.
+# SWEEP_DEFINITION: keys that define a sweep's points (an Optuna grid's axes), not one run.
+SWEEP_DEFINITION = ("dataset.grid_beta", "dataset.grid_tau")
+# NOT_IN_FINGERPRINT: keys that say where or how a run executes, or which sweep it belongs
+# to, not what it computes.  They are left out of the run's fingerprint
+# (rld.reproduce.fingerprint), so changing them never refuses a resume or a recall, and out of
+# its directory name.  The teacher is identified by the content of its checkpoint instead of
+# by `teacher.checkpoint`.
 NOT_IN_FINGERPRINT = ("paths.", "hydra.", "hydra/", "hparams", "hparams.", "teacher.", "tag",
-                      "plugins", "plugins.",
+                      "plugins", "plugins.", *SWEEP_DEFINITION,
                       "objective", "sweep", "trainer.device", "trainer.progress",
                       "trainer.resume", "trainer.log_every_s", "trainer.compile",
                       "trainer.compile_mode", "trainer.channels_last", "trainer.tensorboard",
@@ -230,20 +234,32 @@ def key_in(key: str, entries: tuple[str, ...]) -> bool:
 
 
 def point_value(value) -> str:
-    """A setting's value in a run directory's name (`8`, `0.5`, `true`)."""
+    """A setting's value in a run directory's name (`8`, `0.5`, `true`, `150_180`)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int | float):
         return f"{float(value):g}"
-    return str(value).replace("/", "_")
+    return _shell_safe(str(value))
+
+
+# A point directory's name: `key=value` items joined by NAME_SEPARATOR.  Names hold letters,
+# digits and `._-=+` only (no `,`, brackets, quotes or spaces), so that a shell takes them
+# without quoting; a list value's items are joined by `_` (`optim.milestones=150_180_210`).
+NAME_SEPARATOR = "+"
+
+
+def _shell_safe(text: str) -> str:
+    text = re.sub(r"[\[\]'\"]", "", text).replace(",", "_")
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", text)
 
 
 def run_name(role: str, distiller, overrides) -> str:
-    """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2,tau=3`.
+    """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2+tau=3`.
 
     The point names the distiller's point keys (`DistillerSpec.point`, as resolved from the
     `distiller` node, so defaults show too) followed by every other command-line override
-    that changes the result (`trainer.epochs=2`, `alpha=0.5`, ...).
+    that changes the result (`trainer.epochs=2`, `alpha=0.5`, ...), sorted; keys of
+    NOT_IN_FINGERPRINT (placement, sweep definition) never enter it.
     """
     name = str(distiller["name"])
     if role == "teacher":
@@ -260,9 +276,19 @@ def run_name(role: str, distiller, overrides) -> str:
         key, _, value = str(item).lstrip("+~").partition("=")
         if key_in(key, hidden):
             continue
-        key = key.removeprefix("distiller.")
-        extras.append(f"{key}={value.replace('/', '_')}")
-    return f"{head}/{','.join(point + sorted(extras)) or 'default'}"
+        extras.append(_shell_safe(f"{key.removeprefix('distiller.')}={value}"))
+    return f"{head}/{NAME_SEPARATOR.join(point + sorted(extras)) or 'default'}"
+
+
+def renamed_point(legacy: str) -> str | None:
+    """The current name of a point directory named by the scheme of versions before names
+    became shell-friendly (`beta=2,tau=4,dataset.grid_beta=[2,8]` → `beta=2+tau=4`); None
+    for a name of the current scheme."""
+    if not re.search(r"[,\[\]]", legacy):
+        return None
+    items = re.findall(r"([^,=]+)=(\[[^\]]*\]|[^,]*)", legacy)
+    kept = [_shell_safe(f"{k}={v}") for k, v in items if not key_in(k, SWEEP_DEFINITION)]
+    return NAME_SEPARATOR.join(kept) or "default"
 
 
 def register_resolvers() -> None:

@@ -20,7 +20,7 @@ from rld.config import distiller_spec, trained_arch
 from rld.errors import ConfigError, RecordError
 
 RECORD = "metrics.json"
-STATUSES = ("running", "completed", "diverged", "failed")
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 # a run in one of these states is finished: recalled, never trained again
 SETTLED = ("completed", "diverged")
 

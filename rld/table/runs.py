@@ -207,7 +207,7 @@ def _load_plugins(modules: tuple[str, ...]) -> None:
 
 
 def _status(record: RunRecord) -> str:
-    if record.status == "running":
+    if record.status in ("running", "interrupted"):
         return "incomplete"
     if record.status not in ("completed", "diverged"):
         return "failed"  # an error stopped the run (or a status this version does not know)

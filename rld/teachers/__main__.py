@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from rld.cli import ArgumentParser
 from rld.teachers.configs import Selection, TeacherError, UsageError, published_table, select
 from rld.teachers.download import is_url, name_of
 from rld.teachers.status import verification
@@ -30,15 +31,10 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
-        raise UsageError(message)
-
-
-def build_parser() -> Parser:
-    p = Parser(prog="python -m rld.teachers", description=__doc__.split("\n\n")[0],
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m rld.teachers", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     helps = {"list": "every teacher the configured pairs need: where, present, SHA-256, "
                      "verification",
              "fetch": "download and install the published teachers (or --from an archive)",
