@@ -15,7 +15,9 @@ The convention (docs/development.md documents it for writers):
   (`rld.teachers`, `rld.analyze`, `rld.table`, `rld.bench`) must accept the arguments;
   `make <target>` must be a Makefile target; `bash <script>` must exist;
   `pip install -e ".[extra]"` must name an extra of pyproject.toml.
-* An unmarked python example is executed (in a subprocess, from the repository root).
+* An unmarked python example is executed (in a subprocess, from the repository root),
+  except one that includes a file of the repository (`--8<-- "path"`): that file's own
+  tests run it (the example package: tests/test_example.py).
 
 Run as a script, it composes the `rld.train` commands it reads (JSON on stdin) and prints
 a JSON list of `[command, error or null]`.
@@ -47,6 +49,12 @@ class Block:
     language: str
     code: str
     needs: frozenset[str]
+
+    @property
+    def included(self) -> bool:
+        """A block that includes a file of the repository (`--8<-- "path"`, pymdownx
+        snippets): the file's own tests cover it."""
+        return "--8<--" in self.code
 
     @property
     def where(self) -> str:
