@@ -149,7 +149,7 @@ def test_markers_are_well_formed_and_examples_are_found():
     for path in DOCS:  # every marker sits right before a fence
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
-            if "<!-- docs:" in line:
+            if line.lstrip().startswith("<!-- docs:"):
                 nxt = next((x for x in lines[i + 1:] if x.strip()), "")
                 assert nxt.lstrip().startswith("```"), f"{path}:{i + 1}: marker without a block"
 
