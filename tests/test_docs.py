@@ -189,12 +189,15 @@ def test_every_train_command_of_the_docs_composes():
             continue
         where.append(f"{place}: {module} {' '.join(args)}")
     assert len(cases) > 30
+    # the checker itself: a misspelt key and a missing launcher must fail
+    sentinels = [({}, ["-m", "trainer.epoch=2"]), ({}, ["hydra/launcher=slurmm"])]
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "docs_examples.py")],
-                          input=json.dumps(cases), capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+                          input=json.dumps(cases + sentinels), capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = [f"{w}\n    {e}" for w, e in zip(where, json.loads(proc.stdout.splitlines()[-1]))
-              if e]
+    results = json.loads(proc.stdout.splitlines()[-1])
+    assert "trainer.epoch" in results[-2] and "slurmm" in results[-1]
+    errors = [f"{w}\n    {e}" for w, e in zip(where, results[:len(cases)]) if e]
     assert not errors, "\n".join(errors)
 
 
