@@ -225,12 +225,19 @@ def distiller_keys() -> dict[str, list[Key]]:
     return out
 
 
+def _yaml_type(value: Any) -> str:
+    """The type of a YAML value; none for null or an interpolation (it follows its key)."""
+    if value is None or (isinstance(value, str) and value.startswith("${")):
+        return ""
+    return type(value).__name__
+
+
 def hparams_keys() -> dict[str, list[Key]]:
     """`{preset: its hparams.* keys}` of the Optuna presets `conf/hparams/*.yaml`."""
     out = {}
     for path in sorted((CONF / "hparams").glob("*.yaml")):
         docs, values = yaml_docs(path, "hparams"), yaml_values(path, "hparams")
-        out[path.stem] = [Key(f"hparams.{k}", type(v).__name__ if v is not None else "",
+        out[path.stem] = [Key(f"hparams.{k}", _yaml_type(v),
                               _default_text(v), docs.get(k, "")) for k, v in values.items()]
     return out
 
@@ -240,7 +247,7 @@ def launcher_keys() -> dict[str, list[Key]]:
     out = {}
     for path in sorted((CONF / "hydra" / "launcher").glob("*.yaml")):
         docs, values = yaml_docs(path), yaml_values(path)
-        out[path.stem] = [Key(f"hydra.launcher.{k}", type(v).__name__ if v is not None else "",
+        out[path.stem] = [Key(f"hydra.launcher.{k}", _yaml_type(v),
                               _default_text(v), docs.get(k, ""))
                           for k, v in values.items() if k != "_target_"]
     return out
