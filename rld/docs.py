@@ -268,9 +268,9 @@ def undocumented() -> list[str]:
 def _cell(text: str) -> str:
     """`text` for a Markdown table cell: pipes escaped, angle brackets outside code spans
     written as entities (else Markdown takes `<class>` for HTML)."""
-    parts = text.replace("|", "\\|").replace("\n", " ").split("`")
-    for i in range(0, len(parts), 2):
-        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
+    parts = text.replace("\n", " ").split("`")
+    for i in range(0, len(parts), 2):  # outside code spans (Markdown keeps pipes inside them)
+        parts[i] = parts[i].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts)
 
 
