@@ -87,54 +87,63 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def yaml_docs(path: Path, block: str | None = None) -> dict[str, str]:
-    """`{key: description}` of the top-level keys of a YAML file (or of the keys directly
-    under `block:`), from the trailing comment of each key's line, else the comment lines
-    right above it.  Only as much YAML as the files under `conf/` use."""
-    lines = path.read_text().splitlines()
+    """`{dotted key: description}` of every key of a YAML file (or of the keys under the
+    top-level `block:`, named relative to it), from the trailing comment of the key's line,
+    else the comment lines right above it.  Only as much YAML as the files under `conf/`
+    use: block mappings indented by spaces, one key per line."""
     docs: dict[str, str] = {}
-    indent = 0
-    inside = block is None
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
     above: list[str] = []
-    for line in lines:
+    for line in path.read_text().splitlines():
         stripped = line.strip()
-        if block is not None and re.match(rf"{re.escape(block)}:\s*(#.*)?$", line):
-            inside, indent, above = True, 2, []
-            continue
-        if not inside:
-            continue
         if not stripped:
             above = []
             continue
-        lead = len(line) - len(line.lstrip())
-        if block is not None and lead < indent:
-            if stripped.startswith("#"):
-                above = []
-                continue
-            break
         if stripped.startswith("#"):
-            if lead == indent:
-                above.append(stripped.lstrip("#").strip())
+            above.append(stripped.lstrip("#").strip())
             continue
-        m = re.match(r"([A-Za-z_][\w]*):(.*)$", line[indent:]) if lead == indent else None
-        if m is None:
+        m = re.match(r"(\s*)([A-Za-z_][\w]*):(.*)$", line)
+        if m is None:  # a list item or a continued value
+            above = []
             continue
-        rest = m.group(2)
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([k for _, k in stack] + [key])
         trailing = rest.split(" #", 1)[1].strip() if " #" in rest else ""
         if rest.strip().startswith("#"):
             trailing = rest.strip().lstrip("#").strip()
-        docs[m.group(1)] = " ".join((trailing or " ".join(above)).split())
+        docs[dotted] = " ".join((trailing or " ".join(above)).split())
+        stack.append((indent, key))
         above = []
-    return docs
+    if block is None:
+        return docs
+    return {k.removeprefix(block + "."): v for k, v in docs.items() if k.startswith(block + ".")}
 
 
 def yaml_values(path: Path, block: str | None = None) -> dict[str, Any]:
-    """The values of the same keys, as OmegaConf reads them (unresolved)."""
-    from omegaconf import OmegaConf
+    """`{dotted key: value}` of the leaves of a YAML file (or of its `block:`), as OmegaConf
+    reads them (unresolved); a mapping is listed before its keys."""
+    from omegaconf import DictConfig, OmegaConf
 
     node = OmegaConf.load(path)
     if block is not None:
         node = node.get(block)
-    return {k: node._get_node(k)._value() for k in node.keys()} if node is not None else {}
+    out: dict[str, Any] = {}
+
+    def walk(n: Any, prefix: str) -> None:
+        for k in n.keys():
+            child = n._get_node(k)
+            if isinstance(child, DictConfig) and len(child) and not child._is_interpolation():
+                out[f"{prefix}{k}"] = OmegaConf.to_container(child)  # the mapping, then its keys
+                walk(child, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = child._value() if not isinstance(child, DictConfig) \
+                    else OmegaConf.to_container(child)
+
+    if node is not None:
+        walk(node, "")
+    return out
 
 
 # ------------------------------------------------------------------ keys
