@@ -29,23 +29,24 @@ class DatasetConfig:
     family: str = "cifar"  # model family: cifar (32x32 inputs) | imagenet (224x224)
     root: str = "${paths.data}/cifar100"  # where the files are (cifar100, imagenet)
     download: bool = False  # cifar100: download into `root` when missing
-    num_classes: int = 100
-    image_size: int = 32
-    mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))
-    std: list[float] = field(default_factory=lambda: list(CIFAR_STD))
+    num_classes: int = 100  # classes of the data set (checked against the loaded data)
+    image_size: int = 32  # side of the (square) input images, in pixels
+    mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))  # per-channel mean
+    std: list[float] = field(default_factory=lambda: list(CIFAR_STD))  # per-channel std (> 0)
     workers: int = 8  # DataLoader workers (imagenet only; CIFAR-sized sets live on the device)
     # imagenet input path: auto (device on CUDA, pil on the CPU) | pil (DataLoader workers
     # decode and augment) | device (workers read bytes; decode (nvjpeg) + crop on the device)
     decoder: str = "auto"
     # synthetic only: sizes and the seed of the generated images
-    train_size: int = 5000
-    test_size: int = 1000
-    data_seed: int = 0
+    train_size: int = 5000  # synthetic: training images
+    test_size: int = 1000  # synthetic: test images
+    data_seed: int = 0  # synthetic: seed of the generated images and classes
     # recipe: defaults of trainer/optim keys
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    weight_decay: float = 5e-4
+    epochs: int = 240  # recipe: training epochs (trainer.epochs follows it)
+    batch_size: int = 64  # recipe: global batch size (trainer.batch_size follows it)
+    lr: float = 0.05  # recipe: initial learning rate (the pair files set pair.lr by role)
+    weight_decay: float = 5e-4  # recipe: SGD weight decay (optim.weight_decay follows it)
+    # recipe: epochs after which the learning rate is multiplied by optim.gamma
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     # file name of a teacher checkpoint inside `<paths.teachers>/<name>/<arch>_vanilla/`
     teacher_file: str = "ckpt_epoch_240.pth"
@@ -56,16 +57,16 @@ class DatasetConfig:
     teacher_source: str = ""
     # the paper's beta x tau search grid for this data set (sweep/ and hparams/ presets)
     grid_beta: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
-    grid_tau: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0])
+    grid_tau: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0])  # its taus
 
 
 @dataclass
 class PairConfig:
     """A teacher -> student pair and its per-pair defaults from the official releases."""
 
-    name: str = "resnet32x4_resnet8x4"
-    teacher: str = "resnet32x4"
-    student: str = "resnet8x4"
+    name: str = "resnet32x4_resnet8x4"  # the pair's name (<teacher>_<student>, lower case)
+    teacher: str = "resnet32x4"  # the teacher's architecture (a registered model)
+    student: str = "resnet8x4"  # the student's architecture (a registered model)
     # initial learning rate by role: the recipe uses 0.01 for ShuffleNet/MobileNet students
     lr: dict[str, float] = field(default_factory=lambda: {"student": 0.05, "teacher": 0.05})
     # per-distiller setting defaults for this pair, e.g. {dkd: {beta: 2.0}} (every setting of
@@ -87,7 +88,8 @@ class TeacherConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = "${dataset.epochs}"  # type: ignore[assignment]
+    epochs: int = "${dataset.epochs}"  # type: ignore[assignment]  # epochs of the run
+    # global batch size (split over the ranks of a data-parallel run)
     batch_size: int = "${dataset.batch_size}"  # type: ignore[assignment]
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | bf16 | fp16 | fp32
@@ -112,19 +114,20 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = "${pair.lr.${role}}"  # type: ignore[assignment]
-    momentum: float = 0.9
-    weight_decay: float = "${dataset.weight_decay}"  # type: ignore[assignment]
+    lr: float = "${pair.lr.${role}}"  # type: ignore[assignment]  # initial learning rate (SGD)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = "${dataset.weight_decay}"  # type: ignore[assignment]  # SGD decay
+    # epochs after which the learning rate is multiplied by gamma (MultiStepLR)
     milestones: list[int] = "${dataset.milestones}"  # type: ignore[assignment]
-    gamma: float = 0.1
+    gamma: float = 0.1  # learning-rate factor at each milestone
 
 
 @dataclass
 class PathsConfig:
-    root: str = "."
-    data: str = "${paths.root}/data"
+    root: str = "."  # the folder the other paths default to be under
+    data: str = "${paths.root}/data"  # data sets (data/cifar100, ...)
     teachers: str = "${paths.root}/teachers"  # every data set's teachers, one folder each
-    sweeps: str = "${paths.root}/sweeps"
+    sweeps: str = "${paths.root}/sweeps"  # run directories: <sweeps>/<tag>/...
 
 
 @dataclass
@@ -139,7 +142,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     role: str = "student"  # student: distil (or train alone with vanilla) | teacher
-    seed: int = 0
+    seed: int = 0  # seed of the run: initialisation, data order, augmentation
     tag: str = "main"  # top folder of the run directories under paths.sweeps
     objective: str = "top1_best"  # metric returned to sweepers: top1_best | top1 | top5
     # settings of the Optuna presets (conf/hparams/): storage, study name, budget, ...
