@@ -180,7 +180,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(teacher_root):
                      "trainer.epochs=1", "tag=cli_failing")
     assert "this grid point failed" in proc.stdout + proc.stderr
     base = root / "sweeps/cli_failing/synthetic/tiny/rld"
-    statuses = {p.parent.parent.name.split(",")[1]: json.loads(p.read_text())["status"]
+    statuses = {p.parent.parent.name.split("+")[1]: json.loads(p.read_text())["status"]
                 for p in base.rglob("metrics.json")}
     assert statuses == {"tau=0": "failed", "tau=2": "completed"}
     failed = next(base.glob("beta=8+tau=0+*")) / "seed=0" / "metrics.json"
