@@ -137,9 +137,11 @@ def _unknown_key(e: BaseException, argv: Sequence[str]) -> str | None:
     if found is None:
         return f"{key} is not a key of this config"
     where, names = found
-    prefix = key.rpartition(".")[0]
+    parts, missing = key.split("."), cause.group(1)
+    at = parts.index(missing) if missing in parts else len(parts) - 1
+    prefix, key = ".".join(parts[:at]), ".".join(parts[:at + 1])
     where = where or prefix or "the top level"
-    near = [f"{prefix}.{k}" if prefix else k for k in closest(key.rpartition(".")[2], names)]
+    near = [f"{prefix}.{k}" if prefix else k for k in closest(missing, names)]
     hint = f" (did you mean {', '.join(near)}?)" if near else ""
     return f"{key} is not a key of {where}{hint}; it has {', '.join(names)}"
 
