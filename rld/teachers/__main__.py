@@ -174,7 +174,10 @@ COMMANDS = {"list": cmd_list, "fetch": cmd_fetch, "verify": cmd_verify, "train":
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, rest = build_parser().parse_known_args(argv)
+        try:
+            args, rest = build_parser().parse_known_args(argv)
+        except SystemExit as e:  # --help (0) or the parser's one-line error (2)
+            return int(e.code or 0)
         sel = select(with_dataset(args.dataset, rest))
         return COMMANDS[args.command](sel, args)
     except UsageError as e:
