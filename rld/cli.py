@@ -81,8 +81,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def catch_sigterm() -> None:
     """SIGTERM stops the command as Ctrl-C does, except in a Slurm/submitit job, whose
-    signals (requeue on time-out or preemption) submitit handles."""
-    if not os.environ.get("SUBMITIT_EXECUTOR") and not os.environ.get("SLURM_JOB_ID"):
+    signals (requeue on time-out or preemption) submitit handles, and under torchrun, whose
+    SIGTERM ends the ranks left when one fails (they may wait in a collective, where a
+    Python handler would not run)."""
+    managed = ("SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+    if not any(os.environ.get(name) for name in managed):
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
