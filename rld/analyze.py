@@ -2,7 +2,7 @@
 
 ``python -m rld.analyze correlation --checkpoint PATH [--arch NAME] [--family cifar]
 [--dataset cifar100|digits|synthetic] [--data-root DIR] [--classes a,b,c] [--image-index K]
-[--top-k K] [--out DIR]``
+[--top-k K] [--out DIR]`` (default DIR: ``analysis/`` beside the checkpoint)
 
 For each chosen class, the model's softmax averaged over the test images of that class and
 its top-k classes (panels a, b, ...); then, for one test image of the last chosen class, its
@@ -20,6 +20,8 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from rld.cli import ArgumentParser, check_writable, natural, positive
 
 DEFAULT_CLASSES = {
     "cifar100": ["leopard", "television", "dinosaur"],
@@ -253,6 +255,7 @@ def run_correlation(args: argparse.Namespace) -> list[Path]:
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():  # before importing torch or loading any data
         raise UsageError(f"checkpoint not found: {ckpt}")
+    check_writable(args.out or ckpt.parent / "analysis", "--out")
 
     import torch
 
@@ -278,7 +281,7 @@ def run_correlation(args: argparse.Namespace) -> list[Path]:
     probs = predict(model, ds.test_images, ds.mean, ds.std, device=device)
     panels, img = correlation(probs, ds.test_labels, classes, ds.class_names, args.image_index,
                               args.top_k)  # fmt: skip
-    out = Path(args.out)
+    out = Path(args.out) if args.out else ckpt.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     stem = f"correlation_{args.dataset}_{arch}"
     csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
@@ -295,7 +298,7 @@ def run_correlation(args: argparse.Namespace) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m rld.analyze", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m rld.analyze", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
         "correlation",
@@ -309,10 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", help="where the data set's files are (cifar100)")
     c.add_argument("--classes", help="comma-separated class names (default: leopard,television,"
                    "dinosaur for cifar100, 3,5,8 for digits)")  # fmt: skip
-    c.add_argument("--image-index", type=int, default=0,
+    c.add_argument("--image-index", type=natural, default=0,
                    help="which test image of the last class (default 0)")  # fmt: skip
-    c.add_argument("--top-k", type=int, default=10, help="bars per panel (default 10)")
-    c.add_argument("--out", default="results/analysis", help="output directory")
+    c.add_argument("--top-k", type=positive, default=10, help="bars per panel (default 10)")
+    c.add_argument("--out", help="output directory (default: analysis/ beside the checkpoint)")
     c.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="data set setting, e.g. dataset.test_size=200 (repeatable)")  # fmt: skip
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--top-k must be >= 1")
         written = run_correlation(args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"rld.analyze: error: {exc}", file=sys.stderr)
         return 2
     print("Wrote:")
     for p in written:
@@ -335,4 +338,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rld.cli import run
+
+    sys.exit(run("rld.analyze", main))  # a user error (an unwritable --out, ...): one line, exit 2

@@ -10,6 +10,7 @@ fails at composition time.  Value checks that types cannot express (tau > 0, ...
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,23 +29,24 @@ class DatasetConfig:
     family: str = "cifar"  # model family: cifar (32x32 inputs) | imagenet (224x224)
     root: str = "${paths.data}/cifar100"  # where the files are (cifar100, imagenet)
     download: bool = False  # cifar100: download into `root` when missing
-    num_classes: int = 100
-    image_size: int = 32
-    mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))
-    std: list[float] = field(default_factory=lambda: list(CIFAR_STD))
+    num_classes: int = 100  # classes of the data set (checked against the loaded data)
+    image_size: int = 32  # side of the (square) input images, in pixels
+    mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))  # per-channel mean
+    std: list[float] = field(default_factory=lambda: list(CIFAR_STD))  # per-channel std (> 0)
     workers: int = 8  # DataLoader workers (imagenet only; CIFAR-sized sets live on the device)
     # imagenet input path: auto (device on CUDA, pil on the CPU) | pil (DataLoader workers
     # decode and augment) | device (workers read bytes; decode (nvjpeg) + crop on the device)
     decoder: str = "auto"
     # synthetic only: sizes and the seed of the generated images
-    train_size: int = 5000
-    test_size: int = 1000
-    data_seed: int = 0
+    train_size: int = 5000  # synthetic: training images
+    test_size: int = 1000  # synthetic: test images
+    data_seed: int = 0  # synthetic: seed of the generated images and classes
     # recipe: defaults of trainer/optim keys
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    weight_decay: float = 5e-4
+    epochs: int = 240  # recipe: training epochs (trainer.epochs follows it)
+    batch_size: int = 64  # recipe: global batch size (trainer.batch_size follows it)
+    lr: float = 0.05  # recipe: initial learning rate (the pair files set pair.lr by role)
+    weight_decay: float = 5e-4  # recipe: SGD weight decay (optim.weight_decay follows it)
+    # recipe: epochs after which the learning rate is multiplied by optim.gamma
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     # file name of a teacher checkpoint inside `<paths.teachers>/<name>/<arch>_vanilla/`
     teacher_file: str = "ckpt_epoch_240.pth"
@@ -55,16 +57,16 @@ class DatasetConfig:
     teacher_source: str = ""
     # the paper's beta x tau search grid for this data set (sweep/ and hparams/ presets)
     grid_beta: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
-    grid_tau: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0])
+    grid_tau: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0, 5.0])  # its taus
 
 
 @dataclass
 class PairConfig:
     """A teacher -> student pair and its per-pair defaults from the official releases."""
 
-    name: str = "resnet32x4_resnet8x4"
-    teacher: str = "resnet32x4"
-    student: str = "resnet8x4"
+    name: str = "resnet32x4_resnet8x4"  # the pair's name (<teacher>_<student>, lower case)
+    teacher: str = "resnet32x4"  # the teacher's architecture (a registered model)
+    student: str = "resnet8x4"  # the student's architecture (a registered model)
     # initial learning rate by role: the recipe uses 0.01 for ShuffleNet/MobileNet students
     lr: dict[str, float] = field(default_factory=lambda: {"student": 0.05, "teacher": 0.05})
     # per-distiller setting defaults for this pair, e.g. {dkd: {beta: 2.0}} (every setting of
@@ -86,7 +88,8 @@ class TeacherConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = "${dataset.epochs}"  # type: ignore[assignment]
+    epochs: int = "${dataset.epochs}"  # type: ignore[assignment]  # epochs of the run
+    # global batch size (split over the ranks of a data-parallel run)
     batch_size: int = "${dataset.batch_size}"  # type: ignore[assignment]
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on capable CUDA, else fp32) | bf16 | fp16 | fp32
@@ -111,19 +114,20 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = "${pair.lr.${role}}"  # type: ignore[assignment]
-    momentum: float = 0.9
-    weight_decay: float = "${dataset.weight_decay}"  # type: ignore[assignment]
+    lr: float = "${pair.lr.${role}}"  # type: ignore[assignment]  # initial learning rate (SGD)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = "${dataset.weight_decay}"  # type: ignore[assignment]  # SGD decay
+    # epochs after which the learning rate is multiplied by gamma (MultiStepLR)
     milestones: list[int] = "${dataset.milestones}"  # type: ignore[assignment]
-    gamma: float = 0.1
+    gamma: float = 0.1  # learning-rate factor at each milestone
 
 
 @dataclass
 class PathsConfig:
-    root: str = "."
-    data: str = "${paths.root}/data"
+    root: str = "."  # the folder the other paths default to be under
+    data: str = "${paths.root}/data"  # data sets (data/cifar100, ...)
     teachers: str = "${paths.root}/teachers"  # every data set's teachers, one folder each
-    sweeps: str = "${paths.root}/sweeps"
+    sweeps: str = "${paths.root}/sweeps"  # run directories: <sweeps>/<tag>/...
 
 
 @dataclass
@@ -138,7 +142,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     role: str = "student"  # student: distil (or train alone with vanilla) | teacher
-    seed: int = 0
+    seed: int = 0  # seed of the run: initialisation, data order, augmentation
     tag: str = "main"  # top folder of the run directories under paths.sweeps
     objective: str = "top1_best"  # metric returned to sweepers: top1_best | top1 | top5
     # settings of the Optuna presets (conf/hparams/): storage, study name, budget, ...
@@ -188,12 +192,15 @@ def _store(group: str | None, name: str, source: Any, node: Callable[[], Any]) -
 
 
 # Two key lists (an entry ending in "." or "/" is a prefix, any other entry an exact key):
-# NOT_IN_FINGERPRINT: keys that say where or how a run executes, not what it computes.  They
-# are left out of the run's fingerprint (rld.reproduce.fingerprint), so changing them never
-# refuses a resume or a recall, and out of its directory name.  The teacher is identified by
-# the content of its checkpoint instead of by `teacher.checkpoint`.
+# SWEEP_DEFINITION: keys that define a sweep's points (an Optuna grid's axes), not one run.
+SWEEP_DEFINITION = ("dataset.grid_beta", "dataset.grid_tau")
+# NOT_IN_FINGERPRINT: keys that say where or how a run executes, or which sweep it belongs
+# to, not what it computes.  They are left out of the run's fingerprint
+# (rld.reproduce.fingerprint), so changing them never refuses a resume or a recall, and out of
+# its directory name.  The teacher is identified by the content of its checkpoint instead of
+# by `teacher.checkpoint`.
 NOT_IN_FINGERPRINT = ("paths.", "hydra.", "hydra/", "hparams", "hparams.", "teacher.", "tag",
-                      "plugins", "plugins.",
+                      "plugins", "plugins.", *SWEEP_DEFINITION,
                       "objective", "sweep", "trainer.device", "trainer.progress",
                       "trainer.resume", "trainer.log_every_s", "trainer.compile",
                       "trainer.compile_mode", "trainer.channels_last", "trainer.tensorboard",
@@ -230,20 +237,32 @@ def key_in(key: str, entries: tuple[str, ...]) -> bool:
 
 
 def point_value(value) -> str:
-    """A setting's value in a run directory's name (`8`, `0.5`, `true`)."""
+    """A setting's value in a run directory's name (`8`, `0.5`, `true`, `150_180`)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int | float):
         return f"{float(value):g}"
-    return str(value).replace("/", "_")
+    return _shell_safe(str(value))
+
+
+# A point directory's name: `key=value` items joined by NAME_SEPARATOR.  Names hold letters,
+# digits and `._-=+` only (no `,`, brackets, quotes or spaces), so that a shell takes them
+# without quoting; a list value's items are joined by `_` (`optim.milestones=150_180_210`).
+NAME_SEPARATOR = "+"
+
+
+def _shell_safe(text: str) -> str:
+    text = re.sub(r"[\[\]'\"]", "", text).replace(",", "_")
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", text)
 
 
 def run_name(role: str, distiller, overrides) -> str:
-    """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2,tau=3`.
+    """`<distiller>/<point>` of a run directory, e.g. `rld/beta=2+tau=3`.
 
     The point names the distiller's point keys (`DistillerSpec.point`, as resolved from the
     `distiller` node, so defaults show too) followed by every other command-line override
-    that changes the result (`trainer.epochs=2`, `alpha=0.5`, ...).
+    that changes the result (`trainer.epochs=2`, `alpha=0.5`, ...), sorted; keys of
+    NOT_IN_FINGERPRINT (placement, sweep definition) never enter it.
     """
     name = str(distiller["name"])
     if role == "teacher":
@@ -260,9 +279,19 @@ def run_name(role: str, distiller, overrides) -> str:
         key, _, value = str(item).lstrip("+~").partition("=")
         if key_in(key, hidden):
             continue
-        key = key.removeprefix("distiller.")
-        extras.append(f"{key}={value.replace('/', '_')}")
-    return f"{head}/{','.join(point + sorted(extras)) or 'default'}"
+        extras.append(_shell_safe(f"{key.removeprefix('distiller.')}={value}"))
+    return f"{head}/{NAME_SEPARATOR.join(point + sorted(extras)) or 'default'}"
+
+
+def renamed_point(legacy: str) -> str | None:
+    """The current name of a point directory named by the scheme of versions before names
+    became shell-friendly (`beta=2,tau=4,dataset.grid_beta=[2,8]` → `beta=2+tau=4`); None
+    for a name of the current scheme."""
+    if not re.search(r"[,\[\]]", legacy):
+        return None
+    items = re.findall(r"([^,=]+)=(\[[^\]]*\]|[^,]*)", legacy)
+    kept = [_shell_safe(f"{k}={v}") for k, v in items if not key_in(k, SWEEP_DEFINITION)]
+    return NAME_SEPARATOR.join(kept) or "default"
 
 
 def register_resolvers() -> None:

@@ -209,7 +209,8 @@ def _lock_and_train(points: list[Point], mode: str, group: Group) -> None:
                 with p.scope():
                     rd = RunDir(p.run_dir)
                     p.fp = agreed_fingerprint(p.cfg, group)
-                    p.outcome = group.on_main(lambda rd=rd, fp=p.fp: rd.recall(fp))
+                    p.outcome = group.on_main(lambda rd=rd, fp=p.fp: rd.adopt_legacy()
+                                              or rd.recall(fp))
                     if p.outcome is not None:
                         log.info("run already finished (%s): %s", p.outcome.status, rd.path)
                 if p.open:
@@ -302,10 +303,27 @@ def _train(points: list[Point], mode: str, group: Group) -> None:
         if running:
             _log_start(running, mode, device, group)
             _run_epochs(running, data, teacher, mode, group)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (rld.cli): recorded, then the command
+        _record_interrupt(live, e)  # stops (the same command resumes)
+        raise
     finally:
         for p in live:
             if p.book is not None:
                 p.book.close()
+
+
+def _record_interrupt(live: list[Point], e: KeyboardInterrupt) -> None:
+    """Record `status: "interrupted"` with the last finished epoch for every point still
+    training (its checkpoints stay: a rerun resumes it)."""
+    what = str(e) or "Ctrl-C"
+    for p in live:
+        if p.open and p.book is not None and p.book.record is not None:
+            with p.scope():
+                done = len(p.book.history)
+                p.outcome = p.book.finish("interrupted", f"interrupted ({what}) after epoch "
+                                                         f"{done}", {})
+                log.warning("interrupted after epoch %d: run the same command again to "
+                            "resume", done)
 
 
 def _log_start(live: list[Point], mode: str, device: torch.device, group: Group) -> None:

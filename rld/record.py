@@ -20,7 +20,7 @@ from rld.config import distiller_spec, trained_arch
 from rld.errors import ConfigError, RecordError
 
 RECORD = "metrics.json"
-STATUSES = ("running", "completed", "diverged", "failed", "pruned")
+STATUSES = ("running", "completed", "diverged", "failed", "pruned", "interrupted")
 # a run in one of these states is finished: recalled, never trained again (a pruned run is
 # not: run again without its pruner, it resumes from its checkpoint to the end)
 SETTLED = ("completed", "diverged")

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,12 @@ import torch
 
 from rld import io
 from rld.errors import RecordError, RunError
-from rld.record import RunRecord, read_record
+from rld.record import RECORD, RunRecord, read_record
 from rld.reproduce import TEACHER_KEY, fingerprint, rng_state, set_rng_state, versions
 from rld.teachers import verification_record
 
 log = logging.getLogger("rld")
+LOCK = ".lock"  # the lock file of a run directory (`run_lock`)
 
 
 def config_difference(new: dict, old: dict) -> list[str]:
@@ -73,6 +74,35 @@ class RunDir:
             log.warning("the record in %s does not identify its teacher: recalled unchecked",
                         self.path)
         return record
+
+    def adopt_legacy(self) -> None:
+        """Move into this directory the run of a version that named point directories with
+        `,` and brackets (`beta=2,tau=4/seed=0` is now `beta=2+tau=4/seed=0`:
+        `rld.config.renamed_point`), so that it is recalled or resumed here; an entry both
+        have (Hydra's `.hydra/` and `train.log` of this command) keeps the old one as
+        `<name>.legacy`.  Nothing happens once this directory has a record or checkpoints."""
+        from rld.config import renamed_point
+
+        if (self.path / RECORD).exists() or (self.path / self.LAST).exists():
+            return
+        point = self.path.parent
+        try:
+            old = next((d / self.path.name for d in point.parent.iterdir()
+                        if renamed_point(d.name) == point.name
+                        and (d / self.path.name).is_dir()), None)
+        except OSError:
+            return
+        if old is None:
+            return
+        for entry in old.iterdir():
+            target = self.path / entry.name
+            os.replace(entry, target.with_name(f"{entry.name}.legacy") if target.exists()
+                       else target)
+        for folder in (old, old.parent):
+            with suppress(OSError):
+                folder.rmdir()  # when empty
+        log.info("run directory renamed (names no longer hold ',' or brackets): %s -> %s",
+                 old, self.path)
 
     def load_checkpoint(self, fp: dict, device: torch.device) -> tuple[dict, Path] | None:
         """The newest checkpoint that reads (last.pt, else prev.pt) and its path; None when
@@ -142,7 +172,7 @@ class RunDir:
 def run_lock(run_dir: Path):
     """Exclusive lock on the run directory: two processes never train the same run."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
+    with open(run_dir / LOCK, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -309,3 +339,22 @@ def record_failure(cfg, run_dir: Path, message: str) -> None:
         return
     RunRecord.from_config(cfg, fingerprint(cfg), status="failed", message=message,
                           versions=versions()).write(run_dir)
+
+
+def discard_unused(run_dir: Path, root: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote before the command
+    refused its config (`.hydra/`, `train.log`, the lock), and the folders above it up to `root`
+    that this leaves empty, so that a mistyped value leaves no directory behind."""
+    run_dir, root = Path(run_dir).absolute(), Path(root).absolute()
+    try:
+        if not {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK}:
+            return
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        for name in ("train.log", LOCK):
+            (run_dir / name).unlink(missing_ok=True)
+        folder = run_dir
+        while folder != root and root in folder.parents:
+            folder.rmdir()  # OSError when not empty: other runs are there
+            folder = folder.parent
+    except OSError:
+        pass

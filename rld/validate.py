@@ -119,6 +119,7 @@ def validate(cfg, world=None) -> None:
 
     load_plugins(cfg.get("plugins"))
     _choice("role", cfg.role, ("student", "teacher"))
+    _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2**32)")
     _check_distiller(cfg)  # its keys first: the message names its settings
     unknown_keys(cfg, TrainConfig)
     _choice("dataset.decoder", cfg.dataset.decoder, DECODERS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,25 @@ def test_errors_are_short(trained, tmp_path: Path, capsys):
     torch.save({"model": {"w": torch.zeros(1)}, "arch": "resnet8"}, bad)
     assert analyze.main([*base, str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "bad.pt" in err and len(err.splitlines()) == 1
+    assert err.startswith("rld.analyze: error: ") and "bad.pt" in err and len(err.splitlines()) == 1
     assert analyze.main([*base, str(ckpt), "--arch", "nonet"]) == 2
     assert "model='nonet' is not a registered cifar model" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_the_output_goes_beside_the_checkpoint_by_default(trained, tmp_path: Path,
+                                                          monkeypatch):
+    """Without --out, the figure and numbers go to analysis/ beside the checkpoint (its run
+    directory), never into the current directory."""
+    ckpt = trained[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "student.pt")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert analyze.main(["correlation", "--checkpoint", str(run / "student.pt"),
+                         "--dataset", "digits"]) == 0
+    assert sorted(p.name for p in (run / "analysis").iterdir()) == [
+        "correlation_digits_resnet8.csv", "correlation_digits_resnet8.png"]
+    assert list(cwd.iterdir()) == []

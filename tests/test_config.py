@@ -101,11 +101,11 @@ def test_run_directory_names_the_point():
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)
-    assert cfg.hydra.run.dir == "R/sweeps/main/synthetic/tiny/rld/beta=2,tau=4,trainer.epochs=3/seed=0"
+    assert cfg.hydra.run.dir == "R/sweeps/main/synthetic/tiny/rld/beta=2+tau=4+trainer.epochs=3/seed=0"
     assert run_name("teacher", {"name": "vanilla"}, ["role=teacher"]) == "teacher/default"
     assert run_name("student", {"name": "kd", "tau": 2.5}, ["distiller.tau=2.5"]) == "kd/tau=2.5"
     assert run_name("student", {"name": "rld", "beta": 0.5, "tau": 1.0},
-                    ["dataset.root=/a/b", "distiller.alpha=2"]) == "rld/beta=0.5,tau=1,alpha=2"
+                    ["dataset.root=/a/b", "distiller.alpha=2"]) == "rld/beta=0.5+tau=1+alpha=2"
     # the point keys are the registered distiller's, whatever they are
     assert run_name("student", {"name": "fitnet", "hint_layer": 3},
                     ["distiller.hint_layer=3"]) == "fitnet/hint_layer=3"

@@ -495,7 +495,7 @@ def test_bench_dispatcher(monkeypatch, capsys) -> None:
     from rld.bench.__main__ import main
 
     assert main([]) == 2 and "usage" in capsys.readouterr().out
-    assert main(["nope"]) == 2 and "unknown subcommand" in capsys.readouterr().err
+    assert main(["nope"]) == 2 and "'nope' is not a subcommand" in capsys.readouterr().err
     monkeypatch.setitem(rld.bench.SUBCOMMANDS, "absent", "not written yet")
     assert main(["absent"]) == 2
     assert "rld/bench/absent.py is missing" in capsys.readouterr().err

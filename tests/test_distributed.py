@@ -67,8 +67,8 @@ def test_two_ranks_equal_one_rank_and_only_rank_0_writes(teacher_root):
     root = teacher_root
     run_train(root, *EQUAL, "tag=ddp1")
     out = torchrun(root, "-m", *EQUAL, "distiller.beta=8,2", "tag=ddp2")
-    one, two = _run_dir(root, "ddp1"), _run_dir(root, "ddp2", "beta=8,")
-    assert json.loads((_run_dir(root, "ddp2", "beta=2,") / "metrics.json").read_text())[
+    one, two = _run_dir(root, "ddp1"), _run_dir(root, "ddp2", "beta=8+")
+    assert json.loads((_run_dir(root, "ddp2", "beta=2+") / "metrics.json").read_text())[
         "status"] == "completed"
     h1, h2 = _history(one), _history(two)
     assert [r["epoch"] for r in h2] == [1, 2]
@@ -172,7 +172,7 @@ def test_a_pack_on_two_ranks_trains_each_point_as_its_data_parallel_run(teacher_
     run_train(root, *EQUAL, "tag=pack1")
     out = torchrun(root, "-m", *EQUAL, "distiller.beta=8,2", "hydra/launcher=packed",
                    "tag=pack2")
-    one, two = _run_dir(root, "pack1"), _run_dir(root, "pack2", "beta=8,")
+    one, two = _run_dir(root, "pack1"), _run_dir(root, "pack2", "beta=8+")
     _assert_same_history(one, two)
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["world_size"] == 2 and m2["packed"] == {"points": 2, "mode": "loop"}
@@ -186,7 +186,7 @@ def test_a_pack_on_two_ranks_trains_each_point_as_its_data_parallel_run(teacher_
     run_train(root, "-m", *per_rank_bn, "distiller.beta=8,2", "hydra/launcher=submitit_local",
               "hydra.launcher.tasks_per_node=2", "+hydra.launcher.pack=2",
               "+hydra.launcher.pack_mode=vmap", "tag=pack_vmap")
-    vm = _run_dir(root, "pack_vmap", "beta=8,")
+    vm = _run_dir(root, "pack_vmap", "beta=8+")
     _assert_same_history(_run_dir(root, "ddp_bn"), vm)
     m = json.loads((vm / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["packed"] == {"points": 2, "mode": "vmap"}

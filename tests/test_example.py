@@ -42,7 +42,7 @@ def test_example_packed_grid_table_and_fingerprint(example_root):
     assert "pack of 4 points (loop)" in proc.stdout + proc.stderr
     run_train(root, *BASE, "distiller=vanilla", env=ENV)
     runs = sorted((root / "sweeps/main/stripes/example/ckd").rglob("metrics.json"))
-    names = [p.parent.parent.name.split(",")[:2] for p in runs]
+    names = [p.parent.parent.name.split("+")[:2] for p in runs]
     assert names == [["gamma=0", "tau=2"], ["gamma=0", "tau=4"], ["gamma=2", "tau=2"],
                      ["gamma=2", "tau=4"]]
     for path in runs:

@@ -29,8 +29,8 @@ BASE = ["dataset=synthetic", "pair=tiny", "dataset.train_size=256", "dataset.tes
         "trainer.batch_size=64", "trainer.progress=line", "trainer.epochs=2"]
 # 4 RLD points and 4 DKD points
 GRID = ["distiller=rld,dkd", "distiller.beta=2,8", "distiller.tau=2,4"]
-SUFFIX = "dataset.test_size=400,dataset.train_size=256,trainer.batch_size=64,trainer.epochs=2"
-LEAVES = [f"{d}/beta={b},tau={t},{SUFFIX}" for d in ("rld", "dkd") for b in (2, 8)
+SUFFIX = "dataset.test_size=400+dataset.train_size=256+trainer.batch_size=64+trainer.epochs=2"
+LEAVES = [f"{d}/beta={b}+tau={t}+{SUFFIX}" for d in ("rld", "dkd") for b in (2, 8)
           for t in (2, 4)]
 PACKED = ["hydra/launcher=packed"]
 
@@ -250,7 +250,7 @@ def test_faults_stay_local(teacher_root, separate):
         assert failed["status"] == "failed"
         assert "distiller.tau=0.0 is not allowed" in failed["message"]
     assert "this grid point failed" in out and "pack of 2 points" in out
-    healthy = next(base.glob("beta=2,tau=4,*,kd_weight=1,*")) / "seed=0"
+    healthy = next(base.glob("beta=2+tau=4+*+kd_weight=1+*")) / "seed=0"
     assert_same_run(run_dir(teacher_root, separate, LEAVES[1]), healthy, exact=True)
 
 

@@ -31,8 +31,8 @@ def _history(run_dir: Path) -> list[dict]:
 def test_single_run_writes_everything_and_a_rerun_recalls_it(teacher_root):
     root = teacher_root
     run_train(root, *SMALL, "distiller=rld", "distiller.beta=2", "trainer.epochs=2", "seed=3")
-    run_dir = root / RUNS / ("rld/beta=2,tau=4,dataset.test_size=128,dataset.train_size=256,"
-                             "trainer.batch_size=64,trainer.epochs=2") / "seed=3"
+    run_dir = root / RUNS / ("rld/beta=2+tau=4+dataset.test_size=128+dataset.train_size=256+"
+                             "trainer.batch_size=64+trainer.epochs=2") / "seed=3"
     for name in (".hydra/config.yaml", "train.log", "history.csv", "metrics.json",
                  "checkpoints/last.pt", "student.pt"):
         assert (run_dir / name).exists(), name
@@ -62,10 +62,10 @@ def test_multirun_grid_one_directory_per_point(teacher_root):
     run_train(root, "-m", *SMALL, "distiller=rld", "distiller.beta=2,4", "distiller.tau=2,3",
               "trainer.epochs=1", "tag=grid")
     base = root / "sweeps/grid/synthetic/tiny/rld"
-    suffix = ",dataset.test_size=128,dataset.train_size=256,trainer.batch_size=64,trainer.epochs=1"
+    suffix = "+dataset.test_size=128+dataset.train_size=256+trainer.batch_size=64+trainer.epochs=1"
     for beta in (2, 4):
         for tau in (2, 3):
-            metrics = json.loads((base / f"beta={beta},tau={tau}{suffix}" / "seed=0"
+            metrics = json.loads((base / f"beta={beta}+tau={tau}{suffix}" / "seed=0"
                                   / "metrics.json").read_text())
             assert (metrics["beta"], metrics["tau"], metrics["status"]) == (beta, tau,
                                                                              "completed")
@@ -73,7 +73,7 @@ def test_multirun_grid_one_directory_per_point(teacher_root):
 
 
 def _leaf(epochs: int) -> str:
-    return ("kd/tau=4,dataset.test_size=128,dataset.train_size=256,trainer.batch_size=64,"
+    return ("kd/tau=4+dataset.test_size=128+dataset.train_size=256+trainer.batch_size=64+"
             f"trainer.epochs={epochs}")
 
 
@@ -180,8 +180,8 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(teacher_root):
                      "trainer.epochs=1", "tag=cli_failing")
     assert "this grid point failed" in proc.stdout + proc.stderr
     base = root / "sweeps/cli_failing/synthetic/tiny/rld"
-    statuses = {p.parent.parent.name.split(",")[1]: json.loads(p.read_text())["status"]
+    statuses = {p.parent.parent.name.split("+")[1]: json.loads(p.read_text())["status"]
                 for p in base.rglob("metrics.json")}
     assert statuses == {"tau=0": "failed", "tau=2": "completed"}
-    failed = next(base.glob("beta=8,tau=0,*")) / "seed=0" / "metrics.json"
+    failed = next(base.glob("beta=8+tau=0+*")) / "seed=0" / "metrics.json"
     assert "distiller.tau=0.0 is not allowed" in json.loads(failed.read_text())["message"]

@@ -97,9 +97,31 @@ def plan_packed(hydra_context: Any, config: DictConfig, jobs: Sequence[Job],
         except Exception:  # noqa: BLE001 - it fails alone, through run_job and rld.train
             cfgs.append(None)
     valid = [i for i, c in enumerate(cfgs) if c is not None]
+    note_unpackable([cfgs[i] for i in valid])
     units = [[valid[j] for j in u] for u in plan_packs([cfgs[i] for i in valid], pack)]
     units += [[i] for i, c in enumerate(cfgs) if c is None]
     return [[jobs[i] for i in u] for u in sorted(units, key=lambda u: u[0])]
+
+
+def note_unpackable(cfgs: list[DictConfig]) -> None:
+    """One line naming the distillers among `cfgs` that cannot share a pack (their points
+    train one per unit, as without packing)."""
+    from collections import Counter
+
+    from rld.config import distiller_spec
+
+    alone: Counter[str] = Counter()
+    for cfg in cfgs:
+        try:
+            spec = distiller_spec(cfg)
+        except Exception:  # noqa: BLE001 - not registered: it fails alone, with its message
+            continue
+        if not spec.packable:
+            alone[spec.name] += 1
+    if alone:
+        names = ", ".join(f"{name} ({n} point{'s' * (n > 1)})" for name, n in alone.items())
+        log.warning("not packed: %s; a distiller with modules of its own does not pack, so "
+                    "each of these points trains alone", names)
 
 
 def units(hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequence[str]],

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from rld.bench import SUBCOMMANDS
+from rld.registry import closest
 
 
 def _usage() -> str:
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     name, rest = args[0], args[1:]
     if name not in SUBCOMMANDS:
-        print(f"rld.bench: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
+        near = closest(name, SUBCOMMANDS)
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        print(f"rld.bench: error: {name!r} is not a subcommand{hint}; use one of "
+              f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     module_name = f"rld.bench.{name}"
     try:
@@ -40,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rld.cli import run
+
+    sys.exit(run("rld.bench", main))  # a user error (an unwritable --out, ...): one line, exit 2

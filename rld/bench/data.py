@@ -22,24 +22,25 @@ from rld.bench.common import (
     sync,
     synthetic_cifar,
 )
+from rld.cli import ArgumentParser, natural, positive
 from rld.config import CIFAR_MEAN, CIFAR_STD
 
 FIELDS = ["loader", *LOADER_FIELDS, "speedup_vs_dataloader"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m rld.bench data",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", default="cifar", choices=["cifar", "imagenet"],
                    help="imagenet: the ImageNet input paths (see --dataset imagenet --help)")
-    p.add_argument("--images", type=int, default=20000, help="images in the pass (20000)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=positive, default=20000, help="images in the pass (20000)")
+    p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=natural, default=2, help="DataLoader workers (2)")
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--out", default="results/bench_data.csv", help="CSV file ('' for none)")
     args = p.parse_args(argv)
     if args.images < 1 or args.batch_size < 1 or args.workers < 0:
@@ -131,7 +132,7 @@ def _print_rows(args, device, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="cifar", choices=["cifar", "imagenet"])
     known, _ = pre.parse_known_args(argv)
     if known.dataset == "imagenet":  # the ImageNet input paths: their own options

@@ -19,24 +19,25 @@ from __future__ import annotations
 import argparse
 import time
 
+from rld.cli import ArgumentParser, natural, positive
 from rld.validate import COMPILE_MODES
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m rld.bench epoch",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pair", default="resnet32x4_resnet8x4")
-    p.add_argument("--images", type=int, default=0, help="default 50000 on CUDA, 5000 on CPU")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=natural, default=0, help="default 50000 on CUDA, 5000 on CPU")
+    p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="of the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile (fast path)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="with --compile (reduce-overhead, max-autotune: CUDA graphs)")
-    p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
+    p.add_argument("--workers", type=natural, default=2, help="reference DataLoader workers")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--out", default="results/bench_epoch.csv")
     return p.parse_args(argv)

@@ -24,6 +24,7 @@ import math
 import statistics
 import time
 
+from rld.cli import ArgumentParser, natural, positive
 from rld.validate import COMPILE_MODES
 
 GRID_BETA = (2.0, 4.0, 8.0, 16.0)
@@ -32,16 +33,16 @@ EPOCHS = 240
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m rld.bench grid", description=__doc__,
+    p = ArgumentParser(prog="python -m rld.bench grid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default="resnet32x4_resnet8x4", help="a conf/pair/ name")
-    p.add_argument("--points", type=int, default=16, help="grid points K (1-16)")
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--points", type=positive, default=16, help="grid points K (1-16)")
+    p.add_argument("--steps", type=natural, default=0,
                    help="timed steps N per repeat (default: 50 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=-1,
                    help="untimed steps per path first (default: 10 on CUDA, 1 on CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timings per path (median)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=positive, default=3, help="timings per path (median)")
+    p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--mode", default="auto", choices=("auto", "loop", "vmap", "all"),

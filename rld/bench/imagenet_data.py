@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rld.bench.common import LOADER_FIELDS, device_name, save_rows, sync
+from rld.cli import ArgumentParser, natural, positive
 
 FIELDS = ["path", "split", *LOADER_FIELDS, "speedup_vs_pil"]
 SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480), (800, 600)]
@@ -31,19 +32,19 @@ MARKER = "rld_bench_tree.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m rld.bench data --dataset imagenet",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", default="imagenet", choices=["imagenet"])
-    p.add_argument("--images", type=int, default=None, help="training images (CUDA 4096, CPU 256)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (CUDA 256, CPU 32)")
+    p.add_argument("--images", type=positive, default=None, help="training images (CUDA 4096, CPU 256)")
+    p.add_argument("--batch-size", type=positive, default=None, help="global batch (CUDA 256, CPU 32)")
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (CUDA 8, CPU 2)")
+    p.add_argument("--workers", type=natural, default=None, help="DataLoader workers (CUDA 8, CPU 2)")
     p.add_argument("--root", default="", help="JPEG tree to reuse or create (default: a temp dir)")
     p.add_argument("--split", default="both", choices=["train", "val", "both"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--out", default="results/bench_imagenet_data.csv", help="CSV ('' for none)")
     args = p.parse_args(argv)
     for key in ("images", "batch_size", "workers"):

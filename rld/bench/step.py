@@ -22,6 +22,7 @@ import time
 from copy import deepcopy
 from pathlib import Path
 
+from rld.cli import ArgumentParser, natural
 from rld.validate import COMPILE_MODES
 
 METHODS = ("vanilla", "kd", "fitnet", "ofd", "reviewkd", "crd", "dkd", "rld")
@@ -31,7 +32,7 @@ IMAGENET_TRAIN_SIZE = 1_281_167
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m rld.bench step", description=__doc__,
+    p = ArgumentParser(prog="python -m rld.bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", default="resnet32x4_resnet8x4", help="a conf/pair/ name")
     p.add_argument("--methods", default="",
@@ -39,11 +40,11 @@ def parse_args(argv):
                         f"pairs; {','.join(LOGIT_METHODS)} on ImageNet pairs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--batch-size", type=int, default=0,
+    p.add_argument("--batch-size", type=natural, default=0,
                    help="default: 64 (CIFAR pairs, the recipe), 256 (ImageNet pairs)")
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--steps", type=natural, default=0,
                    help="timed steps per method (default: 200 on CUDA, 30 on CPU)")
-    p.add_argument("--warmup", type=int, default=0,
+    p.add_argument("--warmup", type=natural, default=0,
                    help="untimed steps per method first (default: 20 on CUDA, 3 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile models and loss")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,

@@ -27,7 +27,7 @@ Rules (footnotes of each table count what they affect):
 - The same configuration and seed found twice (two sweep directories) is a duplicate: a
   run with numbers (completed or diverged) beats one without, then the first by sorted
   path is kept.
-- A run whose record says "running", or that has no record (killed before the engine
+- A run whose record says "running" or "interrupted", or that has no record (killed before the engine
   wrote one, or made by an older version; read from its saved config instead), is
   *incomplete*; a record "diverged", or "completed" with accuracies that are not finite, is
   *diverged*; a record "pruned" (stopped early by an Optuna pruner) is *pruned*, shown as

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
+
+from rld.cli import ArgumentParser, check_writable
 
 from .render import table_markdown, write_outputs
 from .runs import collect_runs
@@ -13,7 +14,7 @@ from .summary import METRICS
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m rld.table",
         description="Collect sweep runs into results/runs.csv and the paper's tables.",
     )
@@ -25,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     missing = [d for d in args.sweeps if not os.path.isdir(d)]
     if missing:
-        print(f"error: no such directory: {', '.join(missing)}", file=sys.stderr)
+        print(f"rld.table: error: no such directory: {', '.join(missing)} (SWEEP_DIR: folders "
+              "holding run directories, default: sweeps)", file=sys.stderr)
         return 2
+    check_writable(args.out, "--out")
     runs = collect_runs(args.sweeps)
     if not runs:
         print(f"warning: no run directories (.hydra/config.yaml) under {', '.join(args.sweeps)}",
@@ -41,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rld.cli import run
+
+    sys.exit(run("rld.table", main))  # a user error (an unwritable --out, ...): one line, exit 2

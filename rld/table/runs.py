@@ -210,7 +210,7 @@ def _load_plugins(modules: tuple[str, ...]) -> None:
 
 
 def _status(record: RunRecord) -> str:
-    if record.status == "running":
+    if record.status in ("running", "interrupted"):
         return "incomplete"
     if record.status == "pruned":
         return "pruned"

@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from rld.cli import ArgumentParser
 from rld.teachers.configs import Selection, TeacherError, UsageError, published_table, select
 from rld.teachers.download import is_url, name_of
 from rld.teachers.status import verification
@@ -30,15 +31,10 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
-        raise UsageError(message)
-
-
-def build_parser() -> Parser:
-    p = Parser(prog="python -m rld.teachers", description=__doc__.split("\n\n")[0],
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m rld.teachers", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     helps = {"list": "every teacher the configured pairs need: where, present, SHA-256, "
                      "verification",
              "fetch": "download and install the published teachers (or --from an archive)",
@@ -178,7 +174,10 @@ COMMANDS = {"list": cmd_list, "fetch": cmd_fetch, "verify": cmd_verify, "train":
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, rest = build_parser().parse_known_args(argv)
+        try:
+            args, rest = build_parser().parse_known_args(argv)
+        except SystemExit as e:  # --help (0) or the parser's one-line error (2)
+            return int(e.code or 0)
         sel = select(with_dataset(args.dataset, rest))
         return COMMANDS[args.command](sel, args)
     except UsageError as e:

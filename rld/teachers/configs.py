@@ -72,11 +72,6 @@ class Selection:
         return self.teachers_root / str(self.dataset.name)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text[:400] or type(error).__name__
-
-
 def compose_all(pairs: list[str] | None, overrides: list[str]) -> list[Any]:
     """The config of every pair (None: `train.yaml`'s default) with `overrides`."""
     from hydra import compose, initialize_config_dir
@@ -97,7 +92,9 @@ def compose_all(pairs: list[str] | None, overrides: list[str]) -> list[Any]:
             try:
                 out.append(compose("train", overrides=[*overrides, *extra]))
             except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many types
-                raise UsageError(f"cannot compose the config: {_one_line(e)}") from None
+                from rld.cli import hydra_message
+
+                raise UsageError(hydra_message(e, overrides)) from None
     return out
 
 
