@@ -45,7 +45,9 @@ def test_grid_2x2_through_slurm(slurm_cluster, teacher_root):
     sweep = root / "sweeps" / tag
     completed_runs(sweep, 4)
     jobs = [d for d in (sweep / ".submitit").iterdir() if d.is_dir()]
-    assert len([d for d in jobs if re.fullmatch(r"\d+_\d+", d.name)]) == 4  # array tasks
+    # one Slurm job per point, each submitted as a slot frees up (no array: a trial waits
+    # for its slot, not for a batch)
+    assert len([d for d in jobs if re.fullmatch(r"\d+(_\d+)?", d.name)]) == 4
     storage = f"sqlite:///{sweep}/optuna.db"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -53,6 +55,40 @@ def test_grid_2x2_through_slurm(slurm_cluster, teacher_root):
     assert len(study.trials) == 4 and len(complete) == 4
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
     print(f"2x2 grid through Slurm: {time.time() - t0:.1f}s")
+
+
+def test_grid_with_pruning_through_slurm(slurm_cluster, teacher_root):
+    """hparams.pruner=median through Slurm: every job reports its epochs to its trial from
+    inside its allocation (the trial's address travels in the job's config), the point
+    that falls behind is pruned there (record "pruned" with its epoch, trial PRUNED), the
+    other completes, and the same command runs nothing again."""
+    import optuna
+
+    root, tag = teacher_root, "slurm-prune"
+    # one good point, then one whose weights decay to nothing (chance accuracy): the grid
+    # sampler runs them in this order; with one trial at a time the median has a reference
+    tiny = [o for o in TINY if not o.startswith(("trainer.epochs=", "dataset.train_size="))]
+    args = ["-m", *tiny, *SLURM, "trainer.epochs=3", "dataset.train_size=256",
+            "hparams=grid", "hparams.beta=[2]", "hparams.tau=[4]",
+            "optim.weight_decay=choice(0.0005,5.0)", "hparams.n_jobs=1",
+            "hparams.pruner=median", "hparams.pruning.n_startup_trials=1", f"tag={tag}"]
+    cli(root, *args)
+    sweep = root / "sweeps" / tag
+    records = {json.loads(m.read_text())["status"]: json.loads(m.read_text())
+               for m in (sweep / "synthetic").rglob("metrics.json")}
+    assert sorted(records) == ["completed", "pruned"], records
+    assert 1 <= records["pruned"]["pruned_epoch"] < 3
+    storage = f"sqlite:///{sweep}/optuna.db"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    states = sorted(t.state.name for t in trials)
+    assert states == ["COMPLETE", "PRUNED"], trials
+    for t in trials:  # reported from the Slurm job, one value per epoch trained
+        want = 3 if t.state.name == "COMPLETE" else records["pruned"]["pruned_epoch"]
+        assert sorted(t.intermediate_values) == list(range(1, want + 1)), t
+    again = cli(root, *args)
+    assert "0 to run" in again.stdout + again.stderr
+    assert len(optuna.load_study(study_name=summary.study_name, storage=storage).trials) == 2
 
 
 def _history(run_dir: Path) -> list[dict]:
