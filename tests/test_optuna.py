@@ -241,3 +241,13 @@ def test_tpe_short_study_and_top_up(teacher_root):
         assert 0.5 <= t.params["distiller.beta"] <= 16 and 1 <= t.params["distiller.tau"] <= 6
     cli(root, "-m", *TINY, "hparams=tpe", "hparams.n_trials=3", f"tag={tag}")
     assert len(study_of(root, tag).trials) == 3  # the budget is the study's, not the run's
+
+
+@pytest.mark.slow
+def test_tpe_slots_keep_the_budget(teacher_root):
+    """Two slots, n_trials=3: a slot that frees up while the other trial still runs counts
+    that running trial against the budget (3 trials, not 4)."""
+    root, tag = teacher_root, "tpe-slots"
+    cli(root, "-m", *TINY, "hparams=tpe", "hparams.n_trials=3", "hydra/launcher=gpus",
+        "hydra.launcher.n_jobs=2", f"tag={tag}")
+    assert len(study_of(root, tag).trials) == 3

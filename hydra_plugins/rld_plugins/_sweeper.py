@@ -686,8 +686,9 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                      "failed, or pruned by another pruner): %s", len(left), "; ".join(left))
 
     def _budget_used(self, trials: list[optuna.trial.FrozenTrial]) -> int:
-        """Trials that count against n_trials: finished ones (except interrupted) and
-        those running in other live sweepers."""
+        """Trials that count against n_trials: finished ones (except interrupted), this
+        sweeper's running ones (its slots start trials while others still run) and those
+        running in other live sweepers."""
         me = self._owner
         alive: dict[str, bool] = {}
         n = 0
@@ -698,9 +699,9 @@ class RldOptunaSweeperImpl(OptunaSweeperImpl):
                 n += t.user_attrs.get(STATE_ATTR) != "interrupted"
             elif t.state == TrialState.RUNNING:
                 owner = t.user_attrs.get(OWNER_ATTR)
-                if owner is None:
+                if owner is None or owner == me:
                     n += 1
-                elif owner != me and self.guard is not None:
+                elif self.guard is not None:
                     if owner not in alive:
                         alive[owner] = self.guard.alive(owner)
                     n += alive[owner]
