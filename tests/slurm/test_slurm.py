@@ -45,9 +45,9 @@ def test_grid_2x2_through_slurm(slurm_cluster, teacher_root):
     sweep = root / "sweeps" / tag
     completed_runs(sweep, 4)
     jobs = [d for d in (sweep / ".submitit").iterdir() if d.is_dir()]
-    # one Slurm job per point, each submitted as a slot frees up (no array: a trial waits
-    # for its slot, not for a batch)
-    assert len([d for d in jobs if re.fullmatch(r"\d+(_\d+)?", d.name)]) == 4
+    # one Slurm job per point, each submitted as a slot frees up (no array task "<id>_<i>":
+    # a trial waits for its slot, not for a batch)
+    assert len([d for d in jobs if re.fullmatch(r"\d+", d.name)]) == 4, jobs
     storage = f"sqlite:///{sweep}/optuna.db"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
