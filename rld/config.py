@@ -154,13 +154,16 @@ class TrainConfig:
 
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore: `train_schema` (used by
-    conf/train.yaml), `distiller_schema/<name>` of every registered distiller and
+    conf/train.yaml), `pruning_schema` (hparams.pruning of conf/hparams/base/study.yaml),
+    `distiller_schema/<name>` of every registered distiller and
     `dataset_schema/<name>` of every data set with keys of its own (conf/train.yaml picks
     the chosen one's); and the resolvers.  Called again after plugins are loaded."""
     from rld.data import DATASETS
     from rld.distillers import DISTILLERS
+    from rld.pruning import PruningSettings
 
     _store(None, "train_schema", TrainConfig, lambda: TrainConfig)
+    _store(None, "pruning_schema", PruningSettings, lambda: PruningSettings)
     for name, spec in DISTILLERS.items():
         _store("distiller_schema", name, spec, spec.config_schema)
     for name, spec in DATASETS.items():

@@ -241,25 +241,29 @@ def _yaml_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _yaml_keys(path: Path, block: str | None, prefix: str) -> list[Key]:
+    docs, values = yaml_docs(path, block), yaml_values(path, block)
+    return [Key(f"{prefix}{k}", _yaml_type(v), _default_text(v), docs.get(k, ""))
+            for k, v in values.items()]
+
+
 def hparams_keys() -> dict[str, list[Key]]:
-    """`{preset: its hparams.* keys}` of the Optuna presets `conf/hparams/*.yaml`."""
-    out = {}
-    for path in sorted((CONF / "hparams").glob("*.yaml")):
-        docs, values = yaml_docs(path, "hparams"), yaml_values(path, "hparams")
-        out[path.stem] = [Key(f"hparams.{k}", _yaml_type(v),
-                              _default_text(v), docs.get(k, "")) for k, v in values.items()]
-    return out
+    """`{preset: its hparams.* keys}` of the Optuna presets `conf/hparams/*.yaml`: its own,
+    then those of `conf/hparams/base/study.yaml` that every preset includes, then the
+    pruners' settings (`rld.pruning.PruningSettings`, hparams.pruning.*)."""
+    from rld.pruning import KEY, PruningSettings
+
+    shared = _yaml_keys(CONF / "hparams" / "base" / "study.yaml", "hparams", "hparams.")
+    shared += dataclass_keys(PruningSettings, f"{KEY}.")
+    return {path.stem: _yaml_keys(path, "hparams", "hparams.") + shared
+            for path in sorted((CONF / "hparams").glob("*.yaml"))}
 
 
 def launcher_keys() -> dict[str, list[Key]]:
     """`{launcher: its hydra.launcher.* keys}` of `conf/hydra/launcher/*.yaml`."""
-    out = {}
-    for path in sorted((CONF / "hydra" / "launcher").glob("*.yaml")):
-        docs, values = yaml_docs(path), yaml_values(path)
-        out[path.stem] = [Key(f"hydra.launcher.{k}", _yaml_type(v),
-                              _default_text(v), docs.get(k, ""))
-                          for k, v in values.items() if k != "_target_"]
-    return out
+    return {path.stem: [k for k in _yaml_keys(path, None, "hydra.launcher.")
+                        if k.key != "hydra.launcher._target_"]
+            for path in sorted((CONF / "hydra" / "launcher").glob("*.yaml"))}
 
 
 def undocumented() -> list[str]:

@@ -99,15 +99,29 @@ def _states(teacher, specs):
     return out
 
 
+@pytest.fixture
+def default_dtype():
+    """Sets torch's default dtype for one test (models and inputs made in it) and restores it."""
+    before = torch.get_default_dtype()
+    yield torch.set_default_dtype
+    torch.set_default_dtype(before)
+
+
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
-def test_one_step_equals_separate_steps(mode):
+def test_one_step_equals_separate_steps(mode, default_dtype):
     """After two steps (the second with momentum) every point's parameters, batch-norm
     statistics (num_batches_tracked included) and momentum buffers equal its separate
-    run's: exactly in loop mode, to 1e-5 relative in vmap mode."""
+    run's: exactly in loop mode (float32, the same kernels), to 1e-10 relative in vmap mode.
+    vmap runs in float64: its batched kernels round differently from the plain ones, and in
+    float32 a batch-norm bias whose gradient cancels over the batch differed by up to 1e-3
+    relative after two steps on one CPU (AMD EPYC, 2026-12-06) and by under 1e-5 on another,
+    while in float64 the packed step equals the separate one to 1e-15: the tolerance tests
+    the method, not the CPU's float32 kernels."""
     from rld.loop import teacher_output, train_step
     from rld.models import build_model
     from rld.students import build_students
 
+    default_dtype(torch.float64 if mode == "vmap" else torch.float32)
     torch.manual_seed(0)
     teacher = build_model("resnet14", 10).eval()
     for p in teacher.parameters():
@@ -146,7 +160,7 @@ def test_one_step_equals_separate_steps(mode):
                 assert torch.equal(ta, tb)
             else:
                 worst = max(worst, float((ta - tb).norm() / ta.norm().clamp_min(1e-12)))
-    assert worst <= 1e-5
+    assert worst <= 1e-10
     # the points trained apart from each other: no two ended equal
     assert not torch.equal(packed[0].student.fc.weight, packed[1].student.fc.weight)
 

@@ -117,6 +117,20 @@ def test_presets_list_every_setting_with_its_default():
         assert dict(cfg.hydra.sweeper.pruning) == asdict(PruningSettings())
 
 
+@pytest.mark.parametrize("kind", ["grid", "tpe"])
+def test_pruning_settings_are_typed_at_composition(kind):
+    """hparams.pruning is the PruningSettings schema in both presets: a misspelt setting or
+    a value of the wrong type is refused when Hydra composes, before any sweeper starts."""
+    from hydra.errors import HydraException
+
+    from test_optuna import compose
+
+    for override, needle in (("hparams.pruning.n_warmup=3", "n_warmup"),
+                             ("hparams.pruning.reduction_factor=abc", "reduction_factor")):
+        with pytest.raises(HydraException, match=needle):
+            compose(f"hparams={kind}", override)
+
+
 def test_hyperband_brackets_do_not_depend_on_the_process():
     """optuna 2's Hyperband puts a trial in a bracket by Python's salted hash; ours by crc32,
     so the run, its resumed process and the sweeper agree."""
@@ -263,8 +277,10 @@ def test_trial_address_round_trips_through_an_override():
 
 # ------------------------------------------------------------------------ the real CLI
 def test_bad_pruner_stops_the_sweep_before_any_work(tmp_path):
-    proc = run_train(tmp_path, "-m", *SMALL, *GRID, "hparams.pruner=sha",
-                     "hparams.pruning.reduction_factor=1", check=False)
+    teacher = tmp_path / "teacher.pth"  # present (the pre-flight looks no further)
+    teacher.write_bytes(b"")
+    proc = run_train(tmp_path, "-m", *SMALL, *GRID, f"teacher.checkpoint={teacher}",
+                     "hparams.pruner=sha", "hparams.pruning.reduction_factor=1", check=False)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err[-1] == ("error: hparams.pruning.reduction_factor=1 is not allowed: an integer "

@@ -359,6 +359,7 @@ def _csv(path: Path, top1: float) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~55 s on 2 cores (trains a digits teacher): in make test-slow
 def test_verify_then_training_follows_the_verification(digits_root, tmp_path):
     root = digits_root
     teacher = root / "teachers/digits/resnet14_vanilla/teacher.pth"

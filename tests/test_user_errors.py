@@ -77,6 +77,42 @@ def test_sweeps_under_a_file_is_one_line(tmp_path):
                     "Not a directory")
 
 
+@pytest.mark.parametrize("sweep", [
+    ["distiller.beta=2,4"],
+    ["hparams=grid", "dataset.grid_beta=[2]", "dataset.grid_tau=[2,4]"],
+], ids=["basic", "optuna"])
+def test_a_multirun_without_its_teacher_stops_before_any_job(tmp_path, sweep):
+    """Every point would fail alike: the sweep stops once, before any job or study, with the
+    single run's message (the command that trains the teacher where the runs look)."""
+    proc = run_train(tmp_path, "-m", *SMALL, *sweep, check=False)
+    assert_one_line(proc, "rld.train", "teacher checkpoint not found",
+                    f"python -m rld.teachers train dataset=synthetic pair=tiny "
+                    f"paths.root={tmp_path} dataset.train_size=256")
+    assert files(tmp_path) == {}
+
+
+def test_a_multirun_over_teachers_lets_each_point_say_it(tmp_path):
+    """With the distiller swept (vanilla needs no teacher) the points differ: no refusal up
+    front; the point without its teacher fails alone and the sweep goes on."""
+    proc = run_train(tmp_path, "-m", *SMALL, "trainer.epochs=1", "distiller=kd,vanilla")
+    records = {p.parts[-4]: json.loads(p.read_text())["status"]
+               for p in (tmp_path / "sweeps").rglob("metrics.json")}
+    assert records == {"kd": "failed", "vanilla": "completed"}, (records, proc.stderr[-2000:])
+
+
+def test_the_slurm_launcher_without_slurm_is_one_line(tmp_path):
+    """hydra/launcher=slurm where srun is not on PATH: one line naming the launcher and what
+    to use instead, before any folder or study is made (not submitit's traceback)."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    for sweep in (["distiller.beta=2,4"], ["hparams=grid"]):
+        proc = run_train(tmp_path, "-m", *SMALL, "hydra/launcher=slurm", "distiller=vanilla",
+                         *sweep, check=False, env={"PATH": str(empty)})
+        assert_one_line(proc, "rld.train", "hydra/launcher=slurm", "srun is not on PATH",
+                        "submitit_local")
+        assert files(tmp_path) == {}
+
+
 def test_debug_keeps_the_traceback(tmp_path):
     proc = run_train(tmp_path, *SMALL, "seed=-1", "--debug", check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

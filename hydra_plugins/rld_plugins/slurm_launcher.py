@@ -51,6 +51,19 @@ def _pop_pack(params: dict[str, Any]) -> tuple[int | None, str]:
     return check_pack(params.pop("pack", None), mode), mode
 
 
+def _require_slurm() -> None:
+    """ConfigError (one line) where submitit's Slurm executor would stop with a traceback:
+    it needs `srun` on PATH, as on a cluster's login or compute nodes."""
+    import shutil
+
+    from rld.errors import ConfigError
+
+    if shutil.which("srun") is None:
+        raise ConfigError("hydra/launcher=slurm submits to a Slurm cluster, and srun is not on "
+                          "PATH here: run the command on a node of the cluster, or use "
+                          "hydra/launcher=submitit_local, gpus or basic on this machine")
+
+
 def _tasks(params: dict[str, Any]) -> int:
     return int(params.get("tasks_per_node") or 1) * int(params.get("nodes") or 1)
 
@@ -64,6 +77,12 @@ class RldSlurmLauncher(SlurmLauncher):
         if _tasks(self.params) > 1:  # srun (in submitit's batch script) reads it
             self.params["setup"] = ["export SLURM_KILL_BAD_EXIT=1",
                                     *(self.params.get("setup") or [])]
+
+    def setup(self, **kwargs: Any) -> None:
+        """Called by the sweeper before it makes anything (a sweep folder, a study): a
+        machine without Slurm stops here, in one line."""
+        _require_slurm()
+        super().setup(**kwargs)
 
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int,
                  job_id: str, singleton_state: dict) -> JobReturn:

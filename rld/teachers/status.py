@@ -107,14 +107,18 @@ def check_teacher(cfg, path: Path) -> str | None:
     return None
 
 
-def _task_overrides() -> list[str] | None:
-    """The command-line overrides of the running Hydra job (None outside one)."""
+def _task_overrides(cfg) -> list[str] | None:
+    """The command-line overrides of the running Hydra job, or of the multirun whose config
+    `cfg` is (None outside Hydra)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         return [str(o) for o in HydraConfig.get().overrides.task]
     except (ImportError, ValueError):
-        return None
+        from omegaconf import OmegaConf
+
+        task = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+        return None if task is None else [str(o) for o in task]
 
 
 def teacher_command(cfg, action: str) -> str:
@@ -123,7 +127,7 @@ def teacher_command(cfg, action: str) -> str:
     teacher.checkpoint), so that the command acts on the file the run looks for."""
     from rld.config import key_in
 
-    task = _task_overrides()
+    task = _task_overrides(cfg)
     if task is None:  # outside a Hydra job: the resolved folder of the teachers
         task = [f"paths.teachers={cfg.paths.teachers}"]
     kept = [o for o in task if key_in(o.lstrip("+~").partition("=")[0], TEACHER_KEYS)
@@ -153,3 +157,39 @@ def missing_teacher_message(cfg) -> str:
     lines.append("  or pass teacher.checkpoint=PATH (the published cifar_teachers.tar unpacks "
                  "to <arch>_vanilla/ckpt_epoch_240.pth)")
     return "\n".join(lines)
+
+
+# the launchers whose jobs run on this machine: a teacher file missing here is missing for them
+# (a Slurm job may see other file systems than the login node that submits it)
+LOCAL_LAUNCHERS = (None, "basic", "gpus", "packed", "submitit_local")
+# keys which, swept, give a multirun's points different teachers (or none)
+_TEACHER_DECIDING = (*TEACHER_KEYS, "teacher.", "distiller", "role")
+
+
+def swept_keys(cfg) -> set[str]:
+    """The keys that a multirun's points set differently: its sweep overrides (`key=a,b`,
+    `range(..)`, `choice(..)`) and the search space of an Optuna preset
+    (`hydra.sweeper.params`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    overrides = OverridesParser.create().parse_overrides(_task_overrides(cfg) or [])
+    keys = {o.key_or_group for o in overrides if o.is_sweep_override()}
+    return keys | set(OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {})
+
+
+def check_multirun_teacher(cfg) -> None:
+    """Before a multirun launches a job: RunError with the remedies (`missing_teacher_message`)
+    when its points all distil from one teacher file that is not there, instead of every
+    point failing with the same message.  Nothing is checked when the points' teachers
+    differ (a swept pair, data set, path or distiller: each point says so itself) or when
+    the jobs run elsewhere (Slurm)."""
+    from rld.config import distills, key_in
+    from rld.errors import RunError
+
+    if cfg.hydra.runtime.choices.get("hydra/launcher") not in LOCAL_LAUNCHERS:
+        return
+    if any(key_in(k, _TEACHER_DECIDING) for k in swept_keys(cfg)):
+        return
+    if cfg.role == "student" and distills(cfg) and not Path(cfg.teacher.checkpoint).exists():
+        raise RunError(missing_teacher_message(cfg))
