@@ -122,7 +122,6 @@ def test_pruning_settings_are_typed_at_composition(kind):
     """hparams.pruning is the PruningSettings schema in both presets: a misspelt setting or
     a value of the wrong type is refused when Hydra composes, before any sweeper starts."""
     from hydra.errors import HydraException
-
     from test_optuna import compose
 
     for override, needle in (("hparams.pruning.n_warmup=3", "n_warmup"),
@@ -283,8 +282,8 @@ def test_bad_pruner_stops_the_sweep_before_any_work(tmp_path):
                      "hparams.pruner=sha", "hparams.pruning.reduction_factor=1", check=False)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert err[-1] == ("error: hparams.pruning.reduction_factor=1 is not allowed: an integer "
-                       ">= 2"), proc.stderr[-2000:]
+    assert err[-1] == ("rld.train: error: hparams.pruning.reduction_factor=1 is not allowed: "
+                       "an integer >= 2"), proc.stderr[-2000:]
     assert not (tmp_path / "sweeps").exists() or not list((tmp_path / "sweeps").rglob("*.db"))
 
 

@@ -197,9 +197,11 @@ def test_backoff_waits_out_a_locked_sqlite_database(tmp_path):
 def storage_error(tmp_path, url: str, env: dict | None = None) -> str:
     """Run a 1-point grid with `hparams.storage=url`: it must stop before any run with one
     line on stderr; that line (everything it printed, with `all=True`)."""
+    teacher = tmp_path / "teacher.pth"  # present: the multirun's teacher pre-flight passes
+    teacher.touch()
     proc = run_train(tmp_path, "-m", *TINY, "hparams=grid", "hparams.beta=[2]",
-                     "hparams.tau=[4]", "tag=bad", f"hparams.storage={url}", check=False,
-                     timeout=120, env=env)
+                     "hparams.tau=[4]", "tag=bad", f"hparams.storage={url}",
+                     f"teacher.checkpoint={teacher}", check=False, timeout=120, env=env)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -101,7 +101,7 @@ def _stop(message: str, code: int) -> NoReturn:
     Hydra, which adds a traceback or its HYDRA_FULL_ERROR hint): bad storage before any work
     (BAD_STORAGE, as `rld.train` exits on bad input) or a database that stayed away
     (DATABASE_GONE).  The `finally` blocks on the way out still run."""
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"rld.train: error: {message}\n")  # the sweeper of rld.train only
     sys.stderr.flush()
     raise SystemExit(code)
 

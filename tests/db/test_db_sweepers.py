@@ -350,7 +350,7 @@ def test_server_gone_for_good_ends_the_sweeper_in_one_line(pg, pg_study, sweeper
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert rc == 1, sweepers.text(0)[-3000:]
         assert "Traceback" not in stderr and sum("hparams.storage" in x for x in lines) == 1
-        assert lines[-1].startswith(f"error: hparams.storage={pg_study.url}: the study's "
+        assert lines[-1].startswith(f"rld.train: error: hparams.storage={pg_study.url}: the study's "
                                     "database did not answer for "), stderr
         assert "run the same command again when the database is back" in lines[-1]
         assert RETRY_LINE in out.read_text()
@@ -412,7 +412,7 @@ def test_bad_credentials_stop_the_sweep_in_one_line(pg, teacher_root, password, 
                      check=False, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[-1].startswith(f"error: hparams.storage: cannot use the database {s.url}: ")
+    assert lines[-1].startswith(f"rld.train: error: hparams.storage: cannot use the database {s.url}: ")
     assert expected in lines[-1] and "PGPASSWORD" in lines[-1]
     assert not (s.sweep / "synthetic").exists()  # no run started
     assert pg.password not in proc.stdout + proc.stderr
