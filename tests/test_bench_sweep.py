@@ -16,7 +16,11 @@ def test_recipe_scales_lr_drops_and_warmup():
     args = sweep.parse_args(["--epochs", "16"])
     assert "optim.milestones=[10,12,14]" in sweep.common(args)  # 150, 180, 210 of 240
     assert "distiller.warmup=1" in sweep.sweep_overrides(args, "t", "sha", [])
-    assert args.pruning == ["min_resource=3", "reduction_factor=3"]  # sha's default rungs
+    # the defaults repeat the documented measurement: digits, 12 epochs, sha rungs 1, 3, 9
+    args = sweep.parse_args([])
+    assert (args.dataset, args.epochs) == ("digits", 12)
+    assert "optim.milestones=[8,9,10]" in sweep.common(args)
+    assert args.pruning == ["min_resource=1", "reduction_factor=3"]
     with pytest.raises(SystemExit):
         sweep.parse_args(["--pruning", "min_resource"])
 
