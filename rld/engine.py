@@ -58,7 +58,7 @@ from rld.record import RunRecord
 from rld.reproduce import file_sha256, fingerprint, rng_state, seed_everything, set_rng_state
 from rld.rundir import RunBook, RunDir, config_difference, record_failure, run_lock
 from rld.students import build_students, resolve_mode
-from rld.teachers import check_teacher, missing_teacher_message
+from rld.teachers import check_teacher, require_teacher_file
 from rld.validate import validate
 from rld.world import World, find_world
 
@@ -354,10 +354,8 @@ def build_data(cfg, device: torch.device, world: World):
 
 
 def load_teacher(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
-    path = Path(cfg.teacher.checkpoint)
+    path = require_teacher_file(cfg)
     arch = cfg.pair.teacher
-    if not path.exists():
-        raise RunError(missing_teacher_message(cfg))
     refused = check_teacher(cfg, path)  # logs verified / warns unverified; failed: a reason
     if refused:
         raise RunError(refused)

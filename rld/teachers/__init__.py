@@ -16,10 +16,11 @@ from rld.teachers.status import (
     Verification,
     check_teacher,
     missing_teacher_message,
+    require_teacher_file,
     teacher_command,
     verification,
     verification_record,
 )
 
-__all__ = ["Verification", "check_teacher", "missing_teacher_message", "teacher_command",
-           "verification", "verification_record"]
+__all__ = ["Verification", "check_teacher", "missing_teacher_message", "require_teacher_file",
+           "teacher_command", "verification", "verification_record"]

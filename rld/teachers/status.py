@@ -136,6 +136,17 @@ def teacher_command(cfg, action: str) -> str:
     return " ".join(["python -m rld.teachers", action, *map(shlex.quote, words)])
 
 
+def require_teacher_file(cfg) -> Path:
+    """The run's teacher file (`teacher.checkpoint`); RunError with the remedies
+    (`missing_teacher_message`) when it is not there."""
+    from rld.errors import RunError
+
+    path = Path(cfg.teacher.checkpoint)
+    if not path.exists():
+        raise RunError(missing_teacher_message(cfg))
+    return path
+
+
 def missing_teacher_message(cfg) -> str:
     """The error of a run whose teacher file is missing: the commands that fetch or train
     it where the run looks, and the old layout's file when there is one."""
@@ -163,7 +174,7 @@ def missing_teacher_message(cfg) -> str:
 # (a Slurm job may see other file systems than the login node that submits it)
 LOCAL_LAUNCHERS = (None, "basic", "gpus", "packed", "submitit_local")
 # keys which, swept, give a multirun's points different teachers (or none)
-_TEACHER_DECIDING = (*TEACHER_KEYS, "teacher.", "distiller", "role")
+_TEACHER_DECIDING = (*TEACHER_KEYS, "distiller", "role")
 
 
 def swept_keys(cfg) -> set[str]:
@@ -179,17 +190,15 @@ def swept_keys(cfg) -> set[str]:
 
 
 def check_multirun_teacher(cfg) -> None:
-    """Before a multirun launches a job: RunError with the remedies (`missing_teacher_message`)
-    when its points all distil from one teacher file that is not there, instead of every
-    point failing with the same message.  Nothing is checked when the points' teachers
-    differ (a swept pair, data set, path or distiller: each point says so itself) or when
-    the jobs run elsewhere (Slurm)."""
+    """Before a multirun launches a job: `require_teacher_file` once, when its points all
+    distil from one teacher file, instead of every point failing with the same message.
+    Nothing is checked when the points' teachers differ (a swept pair, data set, path or
+    distiller: each point says so itself) or when the jobs run elsewhere (Slurm)."""
     from rld.config import distills, key_in
-    from rld.errors import RunError
 
     if cfg.hydra.runtime.choices.get("hydra/launcher") not in LOCAL_LAUNCHERS:
         return
     if any(key_in(k, _TEACHER_DECIDING) for k in swept_keys(cfg)):
         return
-    if cfg.role == "student" and distills(cfg) and not Path(cfg.teacher.checkpoint).exists():
-        raise RunError(missing_teacher_message(cfg))
+    if cfg.role == "student" and distills(cfg):
+        require_teacher_file(cfg)
